@@ -1,0 +1,2 @@
+"""hello_fast: HeLlO dataset distillation with online soft labels from a LoRA-adapted CLIP projector."""
+__version__ = "0.1.0"

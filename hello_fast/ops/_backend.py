@@ -1,0 +1,104 @@
+"""Backend selection for hello_fast ops: csrc (C++/CUDA), Triton kernels or the PyTorch reference.
+
+The extension `hello_fast._C` is loaded once, on first use; if it is absent the package says so
+once and runs the PyTorch reference. `HELLO_FAST_BACKEND=<name>` prefers one backend wherever an
+op offers it on that device; an op's `backend=` argument demands one and fails clearly if absent.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+ENV_VAR = "HELLO_FAST_BACKEND"
+
+_ext = None
+_ext_error: str | None = None
+_ext_loaded = False
+
+
+def extension():
+    """The loaded `hello_fast._C` module, or None (with a one-time warning saying why)."""
+    global _ext, _ext_error, _ext_loaded
+    if not _ext_loaded:
+        _ext_loaded = True
+        try:
+            from hello_fast import _C  # noqa: F401  (registers the hello_fast:: ops)
+
+            _ext = _C
+        except ImportError as e:  # not built, or built against another torch
+            _ext_error = str(e).splitlines()[0]
+            warnings.warn(
+                f"hello_fast: C++/CUDA extension not available ({_ext_error}); "
+                "falling back to the PyTorch reference ops (and Triton on GPUs).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            from hello_fast.ops import _registrations
+
+            _registrations.register()
+    return _ext
+
+
+def extension_status() -> str:
+    ext = extension()
+    if ext is None:
+        return f"not available ({_ext_error})"
+    return "built with CUDA" if ext.cuda_built() else "built, CPU only"
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA devices, and on the CPU only through its interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device, offered: tuple[str, ...]) -> list[str]:
+    """The backends of `offered` that can run on `device` here, fastest first."""
+    out = []
+    for name in offered:
+        if name == "triton" and triton_usable(device):
+            out.append(name)
+        elif name == "cuda" and device.type == "cuda":
+            ext = extension()
+            if ext is not None and ext.cuda_built():
+                out.append(name)
+        elif name == "cpp" and device.type == "cpu" and extension() is not None:
+            out.append(name)
+        elif name == "torch":
+            out.append(name)
+    return out
+
+
+def choose(op: str, requested: str | None, device: torch.device, offered: tuple[str, ...]) -> str:
+    """Pick the backend for one call of `op` on `device`.
+
+    `offered` lists the op's backends, fastest first; "torch" (the reference) is always offered.
+    """
+    usable = available(device, offered)
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+        if requested not in usable:
+            raise RuntimeError(
+                f"{op}: backend {requested!r} is not available on {device.type} here "
+                f"(available: {', '.join(usable)}; extension {extension_status()})"
+            )
+        return requested
+    preferred = os.environ.get(ENV_VAR)
+    if preferred:
+        if preferred not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={preferred!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+        if preferred in usable:
+            return preferred
+    if device.type == "cpu" and "triton" in usable and len(usable) > 1:
+        usable.remove("triton")  # the interpreter is a test path, never the fast one
+    return usable[0]

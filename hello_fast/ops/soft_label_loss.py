@@ -1,0 +1,81 @@
+"""The student's loss against online soft labels: MSE or temperature-KL, plus beta x mixed hard CE.
+
+`soft_label_loss(student_logits, target_logits, hard, partner, lam, mode=, temperature=, beta=)`
+returns `main + beta * ce`: main is the mean squared error over all elements ("mse", the paper's
+Alg. 1 l.14) or KL(softmax(target/T) || softmax(student/T)) averaged over the batch ("kl",
+kl_div "batchmean", no T^2 factor: the RDED/SRe2L practice); `ce` is the cross-entropy with the
+hard labels mixed as the images were, `mean_b[lam_b CE(s_b, hard_b) + (1-lam_b) CE(s_b,
+hard[partner_b])]`. `target_logits=None` keeps only the CE term (hard-label training). The
+gradient flows to `student_logits` only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hello_fast.ops import _backend
+
+MODES = ("mse", "kl")
+# fastest first, per device; the dispatcher drops what this machine cannot run
+_OFFERED = ("cpp", "torch")
+
+
+def soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, *, mode="mse", temperature=1.0, beta=0.0):
+    """The PyTorch reference (fp32 math): the CPU fallback and the test oracle."""
+    s = student_logits.float()
+    main = s.new_zeros(())
+    if target_logits is not None:
+        t = target_logits.detach().float()
+        if mode == "mse":
+            main = F.mse_loss(s, t)
+        else:
+            main = F.kl_div(
+                F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
+                reduction="batchmean", log_target=True,
+            )
+    if beta == 0:
+        return main
+    logp = F.log_softmax(s, dim=1)
+    lam = lam.float()
+    ce_own = -logp.gather(1, hard[:, None])[:, 0]
+    ce_partner = -logp.gather(1, hard[partner][:, None])[:, 0]
+    return main + beta * (lam * ce_own + (1 - lam) * ce_partner).mean()
+
+
+def _check(student_logits, target_logits, hard, partner, lam, mode, temperature):
+    if mode not in MODES:
+        raise ValueError(f"soft_label_loss: mode must be one of {MODES}, got {mode!r}")
+    if student_logits.dim() != 2 or student_logits.numel() == 0:
+        raise ValueError(f"soft_label_loss: student_logits must be a non-empty (B, C) tensor, got {tuple(student_logits.shape)}")
+    if not student_logits.is_floating_point():
+        raise ValueError("soft_label_loss: student_logits must be floating point")
+    B, C = student_logits.shape
+    if target_logits is not None and target_logits.shape != student_logits.shape:
+        raise ValueError(f"soft_label_loss: target_logits {tuple(target_logits.shape)} != student_logits {tuple(student_logits.shape)}")
+    for name, t, dtype in (("hard", hard, torch.long), ("partner", partner, torch.long), ("lam", lam, torch.float32)):
+        if t.shape != (B,) or t.dtype != dtype:
+            raise ValueError(f"soft_label_loss: {name} must be {dtype} of shape ({B},), got {t.dtype} {tuple(t.shape)}")
+        if t.device != student_logits.device:
+            raise ValueError(f"soft_label_loss: {name} is on {t.device}, logits on {student_logits.device}")
+    if not temperature > 0:
+        raise ValueError(f"soft_label_loss: temperature must be > 0, got {temperature}")
+    if hard.numel() and (int(hard.min()) < 0 or int(hard.max()) >= C):
+        raise IndexError(f"soft_label_loss: hard labels must lie in [0, {C}), got [{int(hard.min())}, {int(hard.max())}]")
+    if partner.numel() and (int(partner.min()) < 0 or int(partner.max()) >= B):
+        raise IndexError(f"soft_label_loss: partner must index batch rows [0, {B}), got [{int(partner.min())}, {int(partner.max())}]")
+
+
+def soft_label_loss(student_logits, target_logits, hard, partner, lam, *, mode="mse", temperature=1.0, beta=0.0, backend=None):
+    """Loss of `student_logits` (B, C) against online soft labels `target_logits` (B, C) or None.
+
+    `hard` int64 (B,) class of each sample, `partner` int64 (B,) the row each sample was mixed
+    with, `lam` float32 (B,) each sample's own share of the mix (1 for unmixed). Returns a float32
+    scalar. `backend`: "cpp", "cuda", "triton", "torch" or None for the fastest available.
+    """
+    _check(student_logits, target_logits, hard, partner, lam, mode, temperature)
+    name = _backend.choose("soft_label_loss", backend, student_logits.device, _OFFERED)
+    if name == "torch":
+        return soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, mode=mode, temperature=temperature, beta=beta)
+    if target_logits is not None:
+        target_logits = target_logits.detach()
+    return torch.ops.hello_fast.soft_label_loss(student_logits, target_logits, hard, partner, lam, mode, float(temperature), float(beta))
