@@ -1,0 +1,25 @@
+"""Progress bars for long loops (tqdm on stderr); HELLO_FAST_PROGRESS=0 or set_enabled(False) silences them."""
+from __future__ import annotations
+
+import os
+
+from tqdm.auto import tqdm
+
+_enabled = os.environ.get("HELLO_FAST_PROGRESS", "1") != "0"
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+def progress(iterable=None, *, desc: str, total=None, unit: str = "it", leave: bool = False, disable_below: int = 0):
+    """A tqdm bar, off when disabled or when the loop has fewer than `disable_below` items."""
+    n = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    off = not _enabled or (n is not None and n < disable_below)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=off, dynamic_ncols=True, mininterval=0.5)
+
+
+def log(message: str) -> None:
+    """One status line, kept clear of any live progress bar."""
+    tqdm.write(message)

@@ -1,0 +1,84 @@
+"""Small shared helpers: devices, seeding, normalisation and checkpoints of plain networks."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from hello_fast.errors import HelloError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HelloError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Normalize:
+    """uint8 images -> float, (x/255 - mean) / std, on the images' device."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+def save_model(path: str, model: torch.nn.Module, meta: dict) -> int:
+    """A network's state dict as safetensors with JSON metadata, written atomically; returns bytes."""
+    from safetensors.torch import save
+
+    from hello_fast._io import atomic_path
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save(state, metadata={"hello_fast": json.dumps(meta)})
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return len(data)
+
+
+def load_model_file(path: str) -> tuple[dict, dict]:
+    """(state dict, metadata) of a file written by save_model; safetensors only, never pickle."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise HelloError(f"checkpoint {path} does not exist")
+    try:
+        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("hello_fast", "{}"))
+    except (SafetensorError, ValueError, OSError) as e:
+        raise HelloError(f"{path} is not a readable checkpoint ({e})") from None
+    return state, meta
+
+
+def load_network(path: str, device) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a teacher/student network saved by save_model."""
+    from hello_fast.models.students import build_model
+
+    state, meta = load_model_file(path)
+    for key in ("arch", "num_classes", "image_size"):
+        if key not in meta:
+            raise HelloError(f"{path}: checkpoint metadata lacks {key!r}")
+    model = build_model(meta["arch"], meta["num_classes"], meta["image_size"], meta.get("width"))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise HelloError(f"{path}: weights do not fit {meta['arch']}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), meta

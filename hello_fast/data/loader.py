@@ -1,0 +1,121 @@
+"""Batches over an image set, for the passes over the original data (teachers, projector, selection, evaluation).
+
+Training batches: RandomResizedCrop (torchvision's sampling rule) + horizontal flip, drawn from a
+per-sample generator seeded by (seed, epoch, index), so the augmentation stream is the same for
+any number of DataLoader workers or processes. Evaluation batches: resize the shorter side, then
+centre-crop. Images are decoded in DataLoader workers for file sets; unreadable images are
+dropped from their batch (FileImageSet warns, naming the file). Batches are uint8 (B, 3, S, S).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from hello_fast.data.sources import ImageSet
+
+_MIX = 1_000_003
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * _MIX + epoch) * _MIX + index) % (2**63 - 1)
+
+
+def random_resized_crop_box(height: int, width: int, scale, ratio, g: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) by torchvision's RandomResizedCrop rule: 10 tries, then a centre crop."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=g))
+        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def eval_transform(img: torch.Tensor, size: int, resize: int | None) -> torch.Tensor:
+    """Resize the shorter side to `resize` (default size*256/224), then centre-crop `size`."""
+    resize = resize or int(round(size * 256 / 224))
+    h, w = img.shape[-2:]
+    if min(h, w) != resize:
+        img = TF.resize(img, [resize], antialias=True)
+    return TF.center_crop(img, [size, size])
+
+
+class _View(Dataset):
+    def __init__(self, images: ImageSet, size: int, train: bool, scale, ratio, flip: bool, seed: int, epoch: int, eval_resize):
+        self.images, self.size, self.train = images, size, train
+        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+        self.seed, self.epoch, self.eval_resize = seed, epoch, eval_resize
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images.load(i)
+        if img is None:
+            return None
+        if self.train:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
+            top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], self.scale, self.ratio, g)
+            img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+            if self.flip and bool(torch.rand((), generator=g) < 0.5):
+                img = img.flip(-1)
+        else:
+            img = eval_transform(img, self.size, self.eval_resize)
+        return img.contiguous(), int(self.images.labels[i]), i
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.long)
+    index = torch.tensor([it[2] for it in items], dtype=torch.long)
+    return images, labels, index
+
+
+class Batches:
+    """An iterable of (uint8 images, labels, indices) batches; `len()` is the number of batches."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if batch is not None:
+                yield batch
+
+
+def batches(images: ImageSet, *, size: int, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
+            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, shuffle: bool | None = None,
+            indices=None, num_workers: int = 0, eval_resize: int | None = None, drop_last: bool = False) -> Batches:
+    """Batches of `images` (all, or `indices` in that order, shuffled per (seed, epoch) when `shuffle`)."""
+    shuffle = train if shuffle is None else shuffle
+    order = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    if shuffle:
+        g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
+        order = order[torch.randperm(len(order), generator=g)]
+    view = _View(images, size, train, scale, ratio, flip, seed, epoch, eval_resize)
+    loader = DataLoader(
+        view, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers, collate_fn=_collate,
+        drop_last=drop_last, persistent_workers=False, pin_memory=False,
+    )
+    return Batches(loader)

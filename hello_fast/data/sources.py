@@ -1,0 +1,302 @@
+"""The original (real) image sets: ImageNet-style folders, scikit-learn's digits, procedural images.
+
+Every set fixes its class order (sorted folder names, or the source's own order) and carries the
+human-readable class names that CLIP's text prompts use.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hello_fast.errors import HelloError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+class ImageSet:
+    """One labelled split. `load(i)` gives image i as uint8 (3, H, W), or None if it is unreadable."""
+
+    class_names: list[str]
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, i: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def name_of(self, i: int) -> str:
+        return f"#{i}"
+
+    def identity(self) -> str:
+        """A short fingerprint of the set's membership and order (not its pixels)."""
+        raise NotImplementedError
+
+
+class TensorImageSet(ImageSet):
+    """Images held in memory as one uint8 (N, 3, H, W) tensor."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], tag: str = "tensor"):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"TensorImageSet needs uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"TensorImageSet: {labels.shape[0]} labels for {images.shape[0]} images")
+        self.images = images
+        self.labels = labels.long()
+        self.class_names = list(class_names)
+        self.tag = tag
+
+    def load(self, i):
+        return self.images[i]
+
+    def identity(self):
+        h = hashlib.sha256(self.tag.encode())
+        h.update(self.labels.numpy().tobytes())
+        h.update(str(tuple(self.images.shape)).encode())
+        return h.hexdigest()[:16]
+
+
+class FileImageSet(ImageSet):
+    """Images decoded from files on access (PIL). Unreadable files are skipped with a warning, or stop."""
+
+    def __init__(self, files: list[str], labels: list[int], class_names: list[str], on_bad_image: str = "skip"):
+        self.files = list(files)
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.class_names = list(class_names)
+        self.on_bad_image = on_bad_image
+
+    def load(self, i):
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        except Exception as e:  # PIL raises many types for truncated or foreign files
+            if self.on_bad_image == "error":
+                raise HelloError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
+            warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+            return None
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def name_of(self, i):
+        return self.files[i]
+
+    def identity(self):
+        h = hashlib.sha256()
+        for f, label in zip(self.files, self.labels.tolist()):
+            h.update(f"{f}\t{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.array(train)), np.sort(np.array(val))
+
+
+def _to_rgb_uint8(gray: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, h, w) floats in [0, 1] -> (N, 3, size, size) uint8, resized with antialiasing."""
+    x = gray[:, None].float()
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+def digits_splits(image_size: int, val_fraction: float) -> tuple[TensorImageSet, TensorImageSet]:
+    """scikit-learn's bundled digits (1,797 real 8x8 scans, 10 classes), upsampled and split stratified."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images / 16.0)
+    labels = np.asarray(d.target)
+    rgb = _to_rgb_uint8(images, image_size)
+    tr, va = _stratified_split(labels, val_fraction)
+    lab = torch.from_numpy(labels).long()
+    return (
+        TensorImageSet(rgb[tr], lab[tr], DIGIT_NAMES, tag=f"digits-train-{image_size}-{val_fraction}"),
+        TensorImageSet(rgb[va], lab[va], DIGIT_NAMES, tag=f"digits-val-{image_size}-{val_fraction}"),
+    )
+
+
+def procedural_images(num_classes: int, per_class: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-distinct procedural images: oriented colour gratings with random phase, blobs and noise.
+
+    Class k has its own orientation, frequency and tint, so a small CNN separates the classes in
+    an epoch or two, yet no two images are alike. Returns uint8 (N, 3, size, size) and int64 labels.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    images, labels = [], []
+    for k in range(num_classes):
+        theta = np.pi * k / num_classes
+        freq = 2.0 + 1.5 * (k % 3)
+        tint = torch.tensor([(k * 0.37) % 1.0, (k * 0.61 + 0.3) % 1.0, (k * 0.83 + 0.6) % 1.0])
+        for _ in range(per_class):
+            phase = torch.rand((), generator=g) * 2 * np.pi
+            jitter = (torch.rand((), generator=g) - 0.5) * 0.3
+            u = xs * np.cos(theta + jitter) + ys * np.sin(theta + jitter)
+            wave = 0.5 + 0.5 * torch.sin(2 * np.pi * freq * u / 2 + phase)
+            cx, cy = (torch.rand(2, generator=g) - 0.5) * 1.2
+            blob = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / 0.15)
+            img = wave[None] * (0.4 + 0.6 * tint[:, None, None]) + 0.35 * blob[None]
+            img = img + 0.08 * torch.randn(3, size, size, generator=g)
+            images.append(img.clamp(0, 1))
+            labels.append(k)
+    x = (torch.stack(images) * 255).round().to(torch.uint8)
+    return x, torch.tensor(labels, dtype=torch.long)
+
+
+def procedural_splits(num_classes: int, per_class: int, size: int, val_fraction: float) -> tuple[TensorImageSet, TensorImageSet]:
+    images, labels = procedural_images(num_classes, per_class, size, seed=0)
+    tr, va = _stratified_split(labels.numpy(), val_fraction)
+    names = [f"pattern {k}" for k in range(num_classes)]
+    tag = f"procedural-{num_classes}-{per_class}-{size}-{val_fraction}"
+    return (
+        TensorImageSet(images[tr], labels[tr], names, tag=tag + "-train"),
+        TensorImageSet(images[va], labels[va], names, tag=tag + "-val"),
+    )
+
+
+def _read_class_name_map(root: str) -> dict[str, str]:
+    """Human names for class folders: classes.json ({folder: name}) or an ImageNet synset mapping."""
+    path = os.path.join(root, "classes.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise HelloError(f"{path}: not a readable JSON mapping of class folder to name ({e})") from None
+        if not isinstance(data, dict):
+            raise HelloError(f"{path}: expected a JSON object mapping class folder to name")
+        return {str(k): str(v) for k, v in data.items()}
+    for fname in ("LOC_synset_mapping.txt", "synset_words.txt"):
+        path = os.path.join(root, fname)
+        if os.path.isfile(path):
+            out = {}
+            with open(path) as f:
+                for line in f:
+                    parts = line.strip().split(" ", 1)
+                    if len(parts) == 2:
+                        out[parts[0]] = parts[1].split(",")[0].strip()
+            return out
+    return {}
+
+
+def _human_names(folders: list[str], root: str) -> list[str]:
+    mapping = _read_class_name_map(root)
+    if not mapping and len(folders) == 1000 and all(f.startswith("n") and f[1:].isdigit() for f in folders):
+        # the 1000 ImageNet-1K synsets: open_clip's class names are in sorted-wnid order
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    names = [mapping.get(f, f.replace("_", " ")) for f in folders]
+    unnamed = [f for f in folders if f not in mapping and f.startswith("n") and f[1:].isdigit()]
+    if unnamed:
+        warnings.warn(
+            f"{len(unnamed)} class folders look like WordNet ids ({unnamed[0]}, ...) but no names were found; "
+            "CLIP's text head will read the ids. Add classes.json or LOC_synset_mapping.txt to the data root.",
+            RuntimeWarning, stacklevel=2,
+        )
+    return names
+
+
+def _scan_class_folders(split_dir: str, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
+    if classes is None:
+        classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        if not classes:
+            raise HelloError(f"{split_dir} has no class folders (expected {split_dir}/<class>/<image files>)")
+    else:
+        found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        extra = [d for d in found if d not in classes]
+        if extra:
+            raise HelloError(f"{split_dir} has class folders missing from train/: {', '.join(extra[:5])}")
+    files, labels, ignored = [], [], []
+    for label, cls in enumerate(classes):
+        cdir = os.path.join(split_dir, cls)
+        if not os.path.isdir(cdir):
+            continue  # a val split may lack some classes
+        n = 0
+        for entry in sorted(os.scandir(cdir), key=lambda e: e.name):
+            if not entry.is_file():
+                continue
+            if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(entry.path)
+                labels.append(label)
+                n += 1
+            elif not entry.name.startswith("."):
+                ignored.append(entry.path)
+        if n == 0:
+            raise HelloError(f"class folder {cdir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if ignored:
+        shown = ", ".join(ignored[:3]) + (f" and {len(ignored) - 3} more" if len(ignored) > 3 else "")
+        warnings.warn(f"ignoring {len(ignored)} non-image files: {shown}", RuntimeWarning, stacklevel=2)
+    return classes, files, labels
+
+
+def folder_splits(root: str, val_fraction: float, on_bad_image: str) -> tuple[FileImageSet, FileImageSet]:
+    """An ImageNet-style folder: root/train/<class>/*, root/val/<class>/*; or root/<class>/* split here."""
+    if not root:
+        raise HelloError("no data folder given: pass --data DIR (an ImageNet-style folder with train/ and val/)")
+    if not os.path.isdir(root):
+        raise HelloError(f"data folder {root} does not exist")
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    if os.path.isdir(train_dir):
+        classes, files, labels = _scan_class_folders(train_dir, None)
+        names = _human_names(classes, root)
+        train = FileImageSet(files, labels, names, on_bad_image)
+        if os.path.isdir(val_dir):
+            _, vfiles, vlabels = _scan_class_folders(val_dir, classes)
+            return train, FileImageSet(vfiles, vlabels, names, on_bad_image)
+        tr, va = _stratified_split(np.array(labels), val_fraction)
+        return (
+            FileImageSet([files[i] for i in tr], [labels[i] for i in tr], names, on_bad_image),
+            FileImageSet([files[i] for i in va], [labels[i] for i in va], names, on_bad_image),
+        )
+    if not any(os.scandir(root)):
+        raise HelloError(f"data folder {root} is empty (expected train/ and val/ class folders)")
+    classes, files, labels = _scan_class_folders(root, None)
+    names = _human_names(classes, root)
+    tr, va = _stratified_split(np.array(labels), val_fraction)
+    return (
+        FileImageSet([files[i] for i in tr], [labels[i] for i in tr], names, on_bad_image),
+        FileImageSet([files[i] for i in va], [labels[i] for i in va], names, on_bad_image),
+    )
+
+
+def load_splits(data_cfg, class_names: list[str] | None = None) -> tuple[ImageSet, ImageSet]:
+    """The (train, val) image sets of a config's `data` section."""
+    if data_cfg.source == "digits":
+        train, val = digits_splits(data_cfg.image_size, data_cfg.val_fraction)
+    elif data_cfg.source == "procedural":
+        train, val = procedural_splits(data_cfg.procedural_classes, data_cfg.procedural_per_class, data_cfg.image_size, data_cfg.val_fraction)
+    else:
+        train, val = folder_splits(data_cfg.root, data_cfg.val_fraction, data_cfg.on_bad_image)
+    if data_cfg.num_classes is not None and train.num_classes != data_cfg.num_classes:
+        raise HelloError(
+            f"the data has {train.num_classes} classes but the config expects {data_cfg.num_classes} "
+            "(set data.num_classes, or use a preset that matches the data)"
+        )
+    if class_names is not None:
+        if len(class_names) != train.num_classes:
+            raise HelloError(f"clip.class_names lists {len(class_names)} names for {train.num_classes} classes")
+        train.class_names = val.class_names = list(class_names)
+    return train, val

@@ -1,0 +1,201 @@
+"""The student loop's augmentation in one op: crop + bilinear resize + flip + CutMix/Mixup + normalise into several views.
+
+`augment_mix(src, index, crop, flip, partner, lam, cut, mode=, out_size=, views=)` returns the
+normalised views and each sample's effective own-label weight `lam_eff`:
+  base[b] = bilinear resize (align_corners=False, no antialias, as F.interpolate) of the crop
+            crop[b] = (top, left, height, width) of src[index[b]], flipped left-right if flip[b];
+  mixup:  x[b] = lam[b] base[b] + (1 - lam[b]) base[partner[b]],      lam_eff = lam;
+  cutmix: x[b] = base[b] with the box cut[b] = (top, left, bottom, right) from base[partner[b]],
+          lam_eff[b] = 1 - box area / out_size^2;
+  none:   x = base, lam_eff = 1;
+  view v = ((x / 255 - mean_v) / std_v).to(dtype_v), shape (B, 3, out_size, out_size).
+`sample_augment_params` draws crop/flip/partner/lam/cut by torchvision's RandomResizedCrop rule
+and the CutMix/Mixup rules (lam ~ Beta(alpha, alpha), box clipped to the image, lam corrected to
+the box's area).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hello_fast.ops import _backend
+
+MODES = ("none", "mixup", "cutmix")
+_OFFERED = ("torch",)
+
+
+def _views_spec(views):
+    out = []
+    for v in views:
+        if len(v) != 3:
+            raise ValueError("augment_mix: each view is (mean[3], std[3], dtype)")
+        mean, std, dtype = v
+        mean, std = [float(m) for m in mean], [float(s) for s in std]
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"augment_mix: a view needs 3 means and 3 positive stds, got {mean}, {std}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"augment_mix: view dtype must be floating point, got {dtype}")
+        out.append((mean, std, dtype))
+    if not out:
+        raise ValueError("augment_mix: give at least one view")
+    return out
+
+
+def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size):
+    """Raise ValueError/IndexError for anything out of range; returns B."""
+    if mode not in MODES:
+        raise ValueError(f"augment_mix: mode must be one of {MODES}, got {mode!r}")
+    if src.dtype != torch.uint8 or src.dim() != 4 or src.shape[1] != 3:
+        raise ValueError(f"augment_mix: src must be uint8 (S, 3, H, W), got {src.dtype} {tuple(src.shape)}")
+    if not isinstance(out_size, int) or out_size < 1:
+        raise ValueError(f"augment_mix: out_size must be a positive int, got {out_size!r}")
+    B = index.shape[0] if index.dim() == 1 else -1
+    expect = {"index": (index, (B,), torch.long), "crop": (crop, (B, 4), torch.long), "flip": (flip, (B,), torch.bool),
+              "partner": (partner, (B,), torch.long), "lam": (lam, (B,), torch.float32), "cut": (cut, (B, 4), torch.long)}
+    for name, (t, shape, dtype) in expect.items():
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"augment_mix: {name} must be {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+        if t.device != src.device:
+            raise ValueError(f"augment_mix: {name} is on {t.device}, src on {src.device}")
+    if B == 0:
+        raise ValueError("augment_mix: empty batch")
+    S, _, H, W = src.shape
+    idx = index.cpu()
+    if int(idx.min()) < 0 or int(idx.max()) >= S:
+        raise IndexError(f"augment_mix: index must lie in [0, {S}), got [{int(idx.min())}, {int(idx.max())}]")
+    c = crop.cpu()
+    top, left, h, w = c.unbind(1)
+    bad = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > H) | (left + w > W)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise IndexError(f"augment_mix: crop[{b}] = {c[b].tolist()} (top, left, height, width) is not inside a {H}x{W} image")
+    p = partner.cpu()
+    if int(p.min()) < 0 or int(p.max()) >= B:
+        raise IndexError(f"augment_mix: partner must index batch rows [0, {B}), got [{int(p.min())}, {int(p.max())}]")
+    if mode == "cutmix":
+        k = cut.cpu()
+        t0, l0, b1, r1 = k.unbind(1)
+        bad = (t0 < 0) | (l0 < 0) | (t0 > b1) | (l0 > r1) | (b1 > out_size) | (r1 > out_size)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise IndexError(f"augment_mix: cut[{b}] = {k[b].tolist()} (top, left, bottom, right) is not a box inside {out_size}x{out_size}")
+    if mode == "mixup" and not bool(torch.isfinite(lam).all()):
+        raise ValueError("augment_mix: lam must be finite")
+    return B
+
+
+def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views):
+    """The PyTorch reference (fp32 math, one F.interpolate per sample): CPU fallback and test oracle."""
+    views = _views_spec(views)
+    crops = crop.tolist()
+    idx = index.tolist()
+    flips = flip.tolist()
+    base = []
+    for b in range(len(idx)):
+        top, left, h, w = crops[b]
+        patch = src[idx[b], :, top : top + h, left : left + w].float()[None]
+        img = F.interpolate(patch, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=False)[0]
+        base.append(img.flip(-1) if flips[b] else img)
+    base = torch.stack(base)
+    if mode == "mixup":
+        l = lam.float()[:, None, None, None]
+        x = l * base + (1 - l) * base[partner]
+        lam_eff = lam.float().clone()
+    elif mode == "cutmix":
+        x = base.clone()
+        areas = []
+        for b, (t0, l0, b1, r1) in enumerate(cut.tolist()):
+            x[b, :, t0:b1, l0:r1] = base[partner[b], :, t0:b1, l0:r1]
+            areas.append((b1 - t0) * (r1 - l0))
+        lam_eff = 1 - torch.tensor(areas, dtype=torch.float32, device=src.device) / float(out_size * out_size)
+    else:
+        x = base
+        lam_eff = torch.ones(len(idx), dtype=torch.float32, device=src.device)
+    out = []
+    for mean, std, dtype in views:
+        m = torch.tensor(mean, device=src.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=src.device).view(1, 3, 1, 1)
+        out.append(((x / 255.0 - m) / s).to(dtype))
+    return tuple(out), lam_eff
+
+
+def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, backend=None):
+    """Crop, resize, flip, mix and normalise a batch from the image set `src` in one pass.
+
+    Returns (tuple of one tensor per view, lam_eff float32 (B,)). See the module docstring.
+    """
+    check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size)
+    _views_spec(views)
+    _backend.choose("augment_mix", backend, src.device, _OFFERED)
+    return augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=views)
+
+
+def _beta(alpha: float, n: int, g: torch.Generator) -> np.ndarray:
+    seed = int(torch.randint(0, 2**62, (1,), generator=g))
+    return np.random.default_rng(seed).beta(alpha, alpha, size=n)
+
+
+def sample_augment_params(index, height: int, width: int, *, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                          flip_prob: float = 0.5, mode: str = "cutmix", alpha: float = 1.0, per_sample: bool = False,
+                          generator: torch.Generator | None = None):
+    """Draw crop, flip, partner, lam and cut for a batch of images of size height x width.
+
+    Crops follow torchvision's RandomResizedCrop (10 tries, then the centre-crop fallback);
+    partner is a random permutation of the batch; lam ~ Beta(alpha, alpha) once per batch (the
+    peers' practice) or per sample; a CutMix box has sides sqrt(1 - lam) * out_size around a
+    uniform centre, clipped to the image (lam is corrected to the clipped area by augment_mix).
+    Everything is drawn from `generator` (a CPU generator) and placed on `index.device`.
+    Returns a dict with crop, flip, partner, lam, cut.
+    """
+    if mode not in MODES:
+        raise ValueError(f"sample_augment_params: mode must be one of {MODES}, got {mode!r}")
+    g = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+    B = index.shape[0]
+    device = index.device
+    area = height * width
+    tries = 10
+    target = area * torch.empty(B, tries).uniform_(scale[0], scale[1], generator=g)
+    aspect = torch.exp(torch.empty(B, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
+    w = torch.round(torch.sqrt(target * aspect)).long()
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((B,), -1))
+    # centre-crop fallback (torchvision's rule)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    rows = torch.arange(B)
+    hh = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((B,), fh))
+    ww = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((B,), fw))
+    u = torch.rand(B, 2, generator=g)
+    top = torch.where(first >= 0, (u[:, 0] * (height - hh + 1)).long().clamp(max=height - hh), (height - hh) // 2)
+    left = torch.where(first >= 0, (u[:, 1] * (width - ww + 1)).long().clamp(max=width - ww), (width - ww) // 2)
+    crop = torch.stack([top, left, hh, ww], 1)
+    flip = torch.rand(B, generator=g) < flip_prob
+    partner = torch.randperm(B, generator=g)
+    if mode == "none":
+        lam = torch.ones(B)
+    else:
+        lam = torch.from_numpy(_beta(alpha, B if per_sample else 1, g)).float().expand(B).contiguous()
+    cut = torch.zeros(B, 4, dtype=torch.long)
+    if mode == "cutmix":
+        side = torch.sqrt(1 - lam)
+        cut_len = (out_size * side).long()
+        centre = (torch.rand(B if per_sample else 1, 2, generator=g) * out_size).long().expand(B, 2)
+        cy, cx = centre[:, 0], centre[:, 1]
+        t0 = (cy - cut_len // 2).clamp(0, out_size)
+        b1 = (cy + cut_len // 2).clamp(0, out_size)
+        l0 = (cx - cut_len // 2).clamp(0, out_size)
+        r1 = (cx + cut_len // 2).clamp(0, out_size)
+        cut = torch.stack([t0, l0, b1, r1], 1)
+    return {
+        "crop": crop.to(device), "flip": flip.to(device), "partner": partner.to(device),
+        "lam": lam.to(device), "cut": cut.to(device),
+    }

@@ -1,0 +1,70 @@
+"""The run directory: one folder per stage, written atomically, with a fingerprint that says whether it is current.
+
+A stage works in `RUN/.partial/<stage>/` and, when it finishes, moves that folder to `RUN/<stage>/`
+with a `done.json` holding its fingerprint (a hash of the config sections and upstream results it
+depends on) and its summary. A stage whose `done.json` carries the current fingerprint is
+skipped on a rerun; a stale or missing one is (re)done. Nothing half-written ever sits at a
+stage's final path.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+
+from hello_fast._io import read_json, write_json
+
+
+class RunDir:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def done(self, stage: str) -> dict | None:
+        """The stage's done.json, or None if it never finished."""
+        marker = self.path(stage, "done.json")
+        if not os.path.isfile(marker):
+            return None
+        try:
+            return read_json(marker)
+        except (OSError, ValueError):
+            return None
+
+    def is_current(self, stage: str, fingerprint: str) -> bool:
+        d = self.done(stage)
+        return d is not None and d.get("fingerprint") == fingerprint
+
+    def fingerprint(self, stage: str) -> str:
+        d = self.done(stage)
+        if d is None:
+            raise FileNotFoundError(stage)
+        return d["fingerprint"]
+
+    @contextlib.contextmanager
+    def stage(self, stage: str, fingerprint: str, summary: dict):
+        """Work in a fresh partial folder (yielded); on success it becomes RUN/<stage> with done.json.
+
+        The caller fills `summary` (a dict) before the block ends; it is stored in done.json.
+        """
+        partial = self.path(".partial", stage)
+        if os.path.exists(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+        start = time.time()
+        yield partial
+        summary.setdefault("seconds", round(time.time() - start, 1))
+        write_json(os.path.join(partial, "done.json"), {"stage": stage, "fingerprint": fingerprint, "summary": summary})
+        final = self.path(stage)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.exists(final):
+            trash = self.path(".partial", stage + ".old")
+            if os.path.exists(trash):
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(partial, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(partial, final)

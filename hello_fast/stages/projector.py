@@ -1,0 +1,92 @@
+"""Stage 2: train the LoRA projector on the original set and write the label artifact (HeLlO Sec. 3.2-3.3).
+
+The head starts as CLIP's zero-shot classifier (normalised text embeddings of the class prompts);
+LoRA on every conv of the image tower (and on the head) is trained with Eq. 5,
+MSE(projector(x), mean of the weak teachers' logits on x) + lambda * CE(projector(x), y),
+on the same augmented images for the teachers (ImageNet normalisation) and the projector (CLIP's).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from hello_fast._progress import log, progress
+from hello_fast._util import Normalize
+from hello_fast.data.loader import batches
+from hello_fast.errors import HelloError
+from hello_fast.models.clip import load_clip, template_strings
+from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
+from hello_fast.projector.artifact import artifact_metadata, save_artifact
+from hello_fast.projector.model import build_projector
+from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
+
+STAGE = "projector"
+ARTIFACT = "artifact.safetensors"
+
+
+def artifact_path(run) -> str:
+    return run.path(STAGE, ARTIFACT)
+
+
+@torch.no_grad()
+def projector_top1(projector, val_set, cfg, device) -> float:
+    projector.eval()
+    correct = total = 0
+    for images, labels, _ in batches(val_set, size=cfg.data.image_size, batch_size=256, train=False,
+                                     num_workers=cfg.data.num_workers, eval_resize=cfg.data.eval_resize):
+        pred = projector(projector.normalize(images.to(device))).argmax(1).cpu()
+        correct += int((pred == labels).sum())
+        total += labels.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
+    pc = cfg.projector
+    train_set, val_set = data
+    class_names = train_set.class_names
+    templates = template_strings(cfg.clip.templates)
+    backbone = load_clip(cfg.clip.model, cfg.clip.pretrained, cfg.clip.init_seed, device=device)
+    log(f"projector: CLIP {backbone.name} ({backbone.pretrained or f'random init, seed {cfg.clip.init_seed}'}), "
+        f"head from {len(templates)} prompt templates x {len(class_names)} classes")
+    torch.manual_seed(cfg.seed)
+    projector = build_projector(backbone, class_names, templates, conv_rank=pc.conv_rank, head_rank=pc.head_rank,
+                                linear_rank=pc.linear_rank, alpha=pc.alpha, device=device)
+    teachers = load_teachers(run, device)
+    teacher_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    params = projector.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
+    steps_per_epoch = max(1, -(-len(train_set) // pc.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=pc.epochs * steps_per_epoch)
+    zero_shot = projector_top1(projector, val_set, cfg, device)
+    log(f"projector: zero-shot val top-1 {zero_shot:.1f}%")
+    summary = {"zero_shot_top1": zero_shot, "top1": {}}
+    with run.stage(STAGE, fingerprint, summary) as out:
+        for epoch in progress(range(1, pc.epochs + 1), desc="projector", unit="epoch"):
+            projector.train()
+            bar = progress(batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True,
+                                   seed=cfg.seed + 1, epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip,
+                                   num_workers=cfg.data.num_workers),
+                           desc=f"epoch {epoch}", unit="batch", disable_below=20)
+            for images, labels, _ in bar:
+                images, labels = images.to(device), labels.to(device)
+                target = mean_teacher_logits(teachers, teacher_norm(images))
+                logits = projector(projector.normalize(images))
+                loss = F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
+                if not torch.isfinite(loss):
+                    raise HelloError(f"projector: the loss became {loss.item()} at epoch {epoch}; lower projector.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            acc = projector_top1(projector, val_set, cfg, device)
+            summary["top1"][str(epoch)] = acc
+            log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {loss.item():.4f})")
+        meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
+                                 head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha)
+        nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)
+        summary["artifact_bytes"] = nbytes
+        summary["lora_parameters"] = sum(p.numel() for p in params)
+        log(f"projector: label artifact {nbytes:,} bytes ({summary['lora_parameters']:,} LoRA parameters)")
+    return summary

@@ -1,0 +1,89 @@
+"""The run's results: results.json, a printed table, and report.md with a plot of accuracy against label storage."""
+from __future__ import annotations
+
+import os
+
+from hello_fast._io import atomic_path, write_json
+from hello_fast.storage import format_bytes
+
+RESULTS = "results.json"
+REPORT = "report.md"
+PLOT = "accuracy_vs_storage.png"
+
+
+def results_table(results: dict) -> str:
+    rows = [("label source", "top-1 last", "top-1 best", "label storage (bytes)")]
+    for name, r in results["students"].items():
+        rows.append((name, f"{r['top1_last']:.1f}%", f"{r['top1_best']:.1f}%", f"{r['label_bytes']:,} ({format_bytes(r['label_bytes'])})"))
+    st = results.get("storage")
+    if st:
+        rows.append(("SRe2L stored labels", "-", "-", f"{st['sre2l_soft_label_bytes']:,} ({format_bytes(st['sre2l_soft_label_bytes'])})"))
+        rows.append(("RDED teacher", "-", "-", f"{st['teacher_bytes']:,} ({format_bytes(st['teacher_bytes'])})"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, r in results["students"].items():
+        x = max(r["label_bytes"], 1)
+        ax.scatter([x], [r["top1_best"]], s=50, label=f"{name} (best)")
+        ax.scatter([x], [r["top1_last"]], s=25, marker="x", color="gray")
+        ax.annotate(name, (x, r["top1_best"]), textcoords="offset points", xytext=(6, 4))
+    st = results.get("storage")
+    if st:
+        ax.axvline(st["sre2l_soft_label_bytes"], color="red", ls="--", lw=1, label="SRe2L stored labels")
+        ax.axvline(st["teacher_bytes"], color="orange", ls=":", lw=1, label="RDED teacher")
+    ax.set_xscale("log")
+    ax.set_xlabel("label storage (bytes, log scale)")
+    ax.set_ylabel("student top-1 (%)")
+    ax.set_title(f"{results['config']}: accuracy vs label storage (x: last epoch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(run, results: dict) -> None:
+    write_json(run.path(RESULTS), results)
+    _plot(results, run.path(PLOT))
+    lines = [
+        f"# hello_fast run: {results['config']}",
+        "",
+        "Students trained on the distilled images with each label source; label storage is what must be",
+        "shipped with the images to reproduce the labels.",
+        "",
+        "```",
+        results_table(results),
+        "```",
+        "",
+        f"![accuracy vs label storage]({PLOT})",
+        "",
+    ]
+    extra = results.get("stages", {})
+    if "teachers" in extra:
+        tops = ", ".join(f"epoch {e}: {a:.1f}%" for e, a in extra["teachers"].get("top1", {}).items())
+        lines += [f"- weak teachers (val top-1): {tops}"]
+    if "projector" in extra:
+        p = extra["projector"]
+        last = list(p.get("top1", {}).values())
+        lines += [f"- projector: zero-shot {p.get('zero_shot_top1', 0):.1f}% -> trained {last[-1] if last else float('nan'):.1f}% val top-1; "
+                  f"artifact {p.get('artifact_bytes', 0):,} bytes"]
+    if "select" in extra:
+        lines += [f"- distilled set: {extra['select'].get('images')} images by {extra['select'].get('method')}"]
+    if "refine" in extra and extra["refine"]:
+        r = extra["refine"]
+        lines += [f"- refine (Eq. 7): loss {r['loss_first']:.5f} -> {r['loss_last']:.5f}"]
+    lines += ["", f"Distilled images: `{os.path.relpath(results.get('distilled_dir', ''), run.root)}/images/`", ""]
+    with atomic_path(run.path(REPORT)) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines))

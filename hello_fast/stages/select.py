@@ -1,0 +1,181 @@
+"""Stage 1: the distilled images. RDED patch selection with an observer (HeLlO Sec. 3.4, Eq. 6), or a random real subset.
+
+RDED (Sun et al., LINs-lab/RDED): per class, sample `candidates_per_class` real images; take
+`crops_per_image` random-resized crops of each at 1/factor resolution (aspect ratio 1); score each
+crop, zero-padded to full size, by the observer's cross-entropy with the image's class; keep each
+image's best crop, then the class's ipc * factor^2 lowest-CE crops, and tile them factor x factor
+into ipc images. `random` keeps ipc random real images per class ("A Label is Worth a Thousand
+Images": a random subset with good soft labels is a strong baseline).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from hello_fast._progress import log, progress
+from hello_fast._util import Normalize, load_network
+from hello_fast.data.distilled import save_distilled
+from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
+from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
+
+STAGE = "select"
+
+
+class _Crops(Dataset):
+    """K random-resized square crops of one image at `size` pixels: (K, 3, size, size)."""
+
+    def __init__(self, images, indices, size, k, seed, scale):
+        self.images, self.indices, self.size, self.k, self.seed, self.scale = images, indices, size, k, seed, scale
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        img = self.images.load(i)
+        if img is None:
+            return None
+        g = torch.Generator().manual_seed(sample_seed(self.seed, -7, i))
+        crops = []
+        for _ in range(self.k):
+            top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], self.scale, (1.0, 1.0), g)
+            crops.append(TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True))
+        return torch.stack(crops), i
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return torch.stack([c for c, _ in items]), torch.tensor([i for _, i in items])
+
+
+def _candidates(labels: torch.Tensor, num_classes: int, per_class: int, g: torch.Generator) -> list[torch.Tensor]:
+    out = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero()[:, 0]
+        out.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return out
+
+
+class Observer:
+    """Scores crops by cross-entropy: a teacher network (ImageNet normalisation) or the projector (CLIP's)."""
+
+    def __init__(self, model, normalize, size):
+        self.model, self.normalize, self.size = model, normalize, size
+
+    @torch.no_grad()
+    def cross_entropy(self, crops_uint8: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(crops_uint8)  # (N, 3, s, s) normalised
+        s = x.shape[-1]
+        pad_total = self.size - s
+        if pad_total > 0:  # zero-pad (the mean colour after normalisation) to full size, centred
+            lo = pad_total // 2
+            x = F.pad(x, (lo, pad_total - lo, lo, pad_total - lo))
+        return F.cross_entropy(self.model(x).float(), labels, reduction="none")
+
+
+def teacher_observer(path: str, device, image_size: int) -> Observer:
+    model, _ = load_network(path, device)
+    return Observer(model, Normalize(IMAGENET_MEAN, IMAGENET_STD), image_size)
+
+
+def projector_observer(projector, image_size: int) -> Observer:
+    def normalize(images):
+        x = images.float() / 255.0
+        scale = projector.image_size / image_size  # crops are 1/factor of the data size: keep that share of CLIP's
+        if projector.image_size != image_size:
+            size = max(1, int(round(x.shape[-1] * scale)))
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - projector.mean) / projector.std
+
+    return Observer(projector, normalize, projector.image_size)
+
+
+def rded_select(cfg, train_set, observer: Observer, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Distilled images uint8 (C*ipc, 3, S, S), their labels, and selection statistics."""
+    sc = cfg.select
+    S = cfg.data.image_size
+    f = sc.factor
+    patch = S // f
+    if patch < 1:
+        raise ValueError(f"select.factor {f} is larger than the image size {S}")
+    need = sc.ipc * f * f
+    g = torch.Generator().manual_seed(cfg.seed)
+    per_class = _candidates(train_set.labels, train_set.num_classes, sc.candidates_per_class, g)
+    order = torch.cat(per_class).tolist()
+    loader = DataLoader(_Crops(train_set, order, patch, sc.crops_per_image, cfg.seed, tuple(sc.crop_scale)),
+                        batch_size=max(1, sc.batch_size // sc.crops_per_image), num_workers=cfg.data.num_workers,
+                        collate_fn=_collate)
+    crops_of, ce_of = {}, {}
+    for batch in progress(loader, desc="select: scoring crops", unit="batch"):
+        if batch is None:
+            continue
+        crops, idx = batch
+        n, k = crops.shape[:2]
+        labels = train_set.labels[idx].repeat_interleave(k).to(device)
+        ce = observer.cross_entropy(crops.flatten(0, 1).to(device), labels).view(n, k).cpu()
+        for j, i in enumerate(idx.tolist()):
+            crops_of[i], ce_of[i] = crops[j], ce[j]
+    images, labels, mean_ce = [], [], []
+    for c, cand in enumerate(per_class):
+        cand = [i for i in cand.tolist() if i in crops_of]
+        if not cand:
+            raise ValueError(f"select: class {train_set.class_names[c]!r} has no readable images")
+        # each image's best crop first (by CE), then the remaining crops by CE, as needed
+        ranked = []
+        for i in cand:
+            ce_sorted, order_k = torch.sort(ce_of[i])
+            for rank, (v, kk) in enumerate(zip(ce_sorted.tolist(), order_k.tolist())):
+                ranked.append((rank > 0, v, i, kk))
+        ranked.sort()
+        chosen = ranked[:need]
+        while len(chosen) < need:  # fewer crops than patches needed: repeat the best ones
+            chosen += ranked[: need - len(chosen)]
+        mean_ce.append(sum(v for _, v, _, _ in chosen) / need)
+        tiles = torch.stack([crops_of[i][kk] for _, _, i, kk in chosen])  # (ipc*f*f, 3, patch, patch)
+        tiles = tiles.view(sc.ipc, f, f, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(sc.ipc, 3, f * patch, f * patch)
+        if f * patch != S:
+            tiles = TF.resize(tiles, [S, S], antialias=True)
+        images.append(tiles)
+        labels += [c] * sc.ipc
+    stats = {"mean_selected_ce": sum(mean_ce) / len(mean_ce), "scored_images": len(crops_of)}
+    return torch.cat(images), torch.tensor(labels), stats
+
+
+def random_select(cfg, train_set) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    images, labels = [], []
+    for c, cand in enumerate(_candidates(train_set.labels, train_set.num_classes, 10**9, g)):
+        taken = 0
+        for i in cand.tolist():
+            img = train_set.load(i)
+            if img is None:
+                continue
+            images.append(eval_transform(img, cfg.data.image_size, cfg.data.eval_resize))
+            labels.append(c)
+            taken += 1
+            if taken == cfg.select.ipc:
+                break
+        if taken < cfg.select.ipc:
+            log(f"select: class {train_set.class_names[c]!r} has only {taken} readable images (< ipc {cfg.select.ipc})")
+    return torch.stack(images), torch.tensor(labels), {}
+
+
+def select_images(cfg, data, run, device, fingerprint: str, observer: Observer | None) -> dict:
+    """Run the selection and write the distilled set into RUN/select. Returns the stage summary."""
+    train_set, _ = data
+    summary = {"method": cfg.select.method}
+    with run.stage(STAGE, fingerprint, summary) as out:
+        if cfg.select.method == "rded":
+            images, labels, stats = rded_select(cfg, train_set, observer, device)
+        else:
+            images, labels, stats = random_select(cfg, train_set)
+        summary.update(stats)
+        summary["images"] = int(labels.numel())
+        save_distilled(out, images, labels, train_set.class_names,
+                       {"method": cfg.select.method, "ipc": cfg.select.ipc, "factor": cfg.select.factor})
+        log(f"select: {labels.numel()} distilled images ({cfg.select.method}, ipc {cfg.select.ipc})")
+    return summary

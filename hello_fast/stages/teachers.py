@@ -1,0 +1,88 @@
+"""Stage 0: weak teachers, the checkpoints of one ResNet-18 run at early epochs (HeLlO Sec. 3.3).
+
+One network is trained on the original train set with PyTorch's ImageNet recipe (SGD, momentum,
+step decay); the checkpoints at `teachers.keep_epochs` are kept. Their averaged soft labels guide
+the projector (Eq. 5); the last one is the default RDED observer.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from hello_fast._progress import log, progress
+from hello_fast._util import Normalize, load_network, save_model
+from hello_fast.data.loader import batches
+from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
+
+STAGE = "teachers"
+
+
+def teacher_path(stage_dir: str, epoch: int) -> str:
+    return os.path.join(stage_dir, f"epoch_{epoch:03d}.safetensors")
+
+
+def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
+    """Train the teacher run and keep the weak-teacher checkpoints. Returns the stage summary."""
+    tc = cfg.teachers
+    train_set, val_set = data
+    keep = sorted(set(tc.keep_epochs))
+    torch.manual_seed(cfg.seed)
+    model = build_model(tc.arch, train_set.num_classes, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.lr_step, gamma=0.1)
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    summary = {"checkpoints": [], "top1": {}, "bytes": {}}
+    with run.stage(STAGE, fingerprint, summary) as out:
+        for epoch in progress(range(1, keep[-1] + 1), desc="teachers", unit="epoch"):
+            model.train()
+            for images, labels, _ in progress(
+                batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
+                        epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers),
+                desc=f"epoch {epoch}", unit="batch", disable_below=20,
+            ):
+                images, labels = images.to(device), labels.to(device)
+                loss = F.cross_entropy(model(norm(images)), labels)
+                if not torch.isfinite(loss):
+                    from hello_fast.errors import HelloError
+
+                    raise HelloError(f"teachers: the loss became {loss.item()} at epoch {epoch}; lower teachers.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+            if epoch in keep:
+                val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False,
+                              num_workers=cfg.data.num_workers, eval_resize=cfg.data.eval_resize)
+                acc = top1(model, val, device, norm)
+                meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
+                        "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
+                        "class_names": train_set.class_names}
+                path = teacher_path(out, epoch)
+                nbytes = save_model(path, model, meta)
+                summary["checkpoints"].append(os.path.basename(path))
+                summary["top1"][str(epoch)] = acc
+                summary["bytes"][str(epoch)] = nbytes
+                log(f"teachers: epoch {epoch} kept as a weak teacher (val top-1 {acc:.1f}%)")
+    return summary
+
+
+def load_teachers(run, device) -> list[torch.nn.Module]:
+    """Every weak teacher of a finished teachers stage, in epoch order, in eval mode."""
+    done = run.done(STAGE)
+    return [load_network(run.path(STAGE, name), device)[0] for name in done["summary"]["checkpoints"]]
+
+
+def observer_path(run) -> str:
+    """The RDED observer: the last (strongest) checkpoint of the teacher run."""
+    return run.path(STAGE, run.done(STAGE)["summary"]["checkpoints"][-1])
+
+
+@torch.no_grad()
+def mean_teacher_logits(teachers, x: torch.Tensor) -> torch.Tensor:
+    """The weak teachers' averaged logits (Eq. 5's Y')."""
+    out = teachers[0](x).float()
+    for t in teachers[1:]:
+        out += t(x).float()
+    return out / len(teachers)
