@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from tqdm.auto import tqdm
 
@@ -17,9 +18,10 @@ def progress(iterable=None, *, desc: str, total=None, unit: str = "it", leave: b
     """A tqdm bar, off when disabled or when the loop has fewer than `disable_below` items."""
     n = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     off = not _enabled or (n is not None and n < disable_below)
-    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=off, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=off, dynamic_ncols=True, mininterval=0.5,
+                file=sys.stderr)
 
 
 def log(message: str) -> None:
-    """One status line, kept clear of any live progress bar."""
-    tqdm.write(message)
+    """One status line on stderr (stdout carries results), kept clear of any live progress bar."""
+    tqdm.write(message, file=sys.stderr)

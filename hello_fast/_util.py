@@ -45,7 +45,7 @@ def save_model(path: str, model: torch.nn.Module, meta: dict) -> int:
     from hello_fast._io import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    data = save(state, metadata={"hello_fast": json.dumps(meta)})
+    data = save(state, metadata={"hello_fast": json.dumps(meta, sort_keys=True)})
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)

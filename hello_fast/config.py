@@ -206,6 +206,7 @@ def _raw_config(spec: str, _seen: tuple = ()) -> dict:
             raise HelloError(f"config file {spec!r} does not exist")
         with open(spec) as f:
             data = _read_yaml(f.read(), spec)
+        data.setdefault("name", os.path.splitext(os.path.basename(spec))[0])
     else:
         data = _preset_dict(spec)
     base = data.pop("base", None)
@@ -255,7 +256,7 @@ def _coerce(key: str, value, annotation):
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise HelloError(f"config: {prefix or 'the top level'} must be a mapping, got {data!r}")
+        raise HelloError(f"config: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in data if k not in fields)
     if unknown:
@@ -298,7 +299,6 @@ def load_config(spec: str = "digits", overrides: list[str] | tuple = (), **top_l
     `top_level` takes dotted keys with `__` (e.g. `data__root="/data"`); None values are ignored.
     """
     raw = _raw_config(spec)
-    raw.setdefault("name", os.path.splitext(os.path.basename(spec))[0])
     for text in overrides:
         path, value = parse_override(text)
         _set_path(raw, path, value)

@@ -33,8 +33,11 @@ class Pipeline:
         self.force = force
         self._data = None
         self._auto = False  # True while distill() runs: missing inputs are made, not reported
+
+    def _record_config(self) -> None:
+        """Write the run's config.yaml once a stage is about to run on validated inputs."""
         os.makedirs(self.run.root, exist_ok=True)
-        save_config(cfg, self.run.path("config.yaml"))
+        save_config(self.cfg, self.run.path("config.yaml"))
 
     # -- inputs -------------------------------------------------------------------------------
     def data(self):
@@ -95,6 +98,7 @@ class Pipeline:
         if not self.force and self.run.is_current(stage, fp):
             log(f"{stage}: finished earlier with this config, skipping (--force redoes it)")
             return self.run.done(stage)["summary"]
+        self._record_config()
         return None
 
     # -- stages -------------------------------------------------------------------------------
@@ -211,6 +215,7 @@ class Pipeline:
             "stages": stages,
             "distilled_dir": self.run.path(self._distilled_stage()),
         }
+        self._record_config()
         write_report(self.run, results)
         return results
 

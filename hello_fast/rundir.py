@@ -68,3 +68,14 @@ class RunDir:
             shutil.rmtree(trash)
         else:
             os.replace(partial, final)
+        self._prune(os.path.dirname(partial))
+
+    def _prune(self, directory: str) -> None:
+        """Remove empty folders left in .partial by nested stages (student/<source>)."""
+        top = self.path(".partial")
+        while directory.startswith(top):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
+            directory = os.path.dirname(directory)

@@ -56,7 +56,7 @@ def artifact_file_bytes(cfg, num_classes: int, class_names: list[str]) -> tuple[
 
     pc = cfg.projector
     # the architecture is what matters: a seeded random init has the same shapes and an equally long sha256
-    backbone = load_clip(cfg.clip.model, None, cfg.clip.init_seed)
+    backbone = load_clip(cfg.clip.model, None, cfg.clip.init_seed, calibrate=False)
     backbone.pretrained = cfg.clip.pretrained if cfg.clip.pretrained is None else str(cfg.clip.pretrained).split("/")[-1]
     embed_dim = backbone.model.visual.output_dim
     projector = build_projector(backbone, class_names, [], conv_rank=pc.conv_rank, head_rank=pc.head_rank,

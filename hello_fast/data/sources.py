@@ -152,8 +152,8 @@ def procedural_images(num_classes: int, per_class: int, size: int, seed: int = 0
         tint = torch.tensor([(k * 0.37) % 1.0, (k * 0.61 + 0.3) % 1.0, (k * 0.83 + 0.6) % 1.0])
         for _ in range(per_class):
             phase = torch.rand((), generator=g) * 2 * np.pi
-            jitter = (torch.rand((), generator=g) - 0.5) * 0.3
-            u = xs * np.cos(theta + jitter) + ys * np.sin(theta + jitter)
+            angle = theta + (float(torch.rand((), generator=g)) - 0.5) * 0.3
+            u = xs * np.cos(angle) + ys * np.sin(angle)
             wave = 0.5 + 0.5 * torch.sin(2 * np.pi * freq * u / 2 + phase)
             cx, cy = (torch.rand(2, generator=g) - 0.5) * 1.2
             blob = torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / 0.15)

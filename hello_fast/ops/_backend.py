@@ -7,46 +7,24 @@ op offers it on that device; an op's `backend=` argument demands one and fails c
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
+
+from hello_fast import _extension
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "HELLO_FAST_BACKEND"
 
-_ext = None
-_ext_error: str | None = None
-_ext_loaded = False
-
 
 def extension():
-    """The loaded `hello_fast._C` module, or None (with a one-time warning saying why)."""
-    global _ext, _ext_error, _ext_loaded
-    if not _ext_loaded:
-        _ext_loaded = True
-        try:
-            from hello_fast import _C  # noqa: F401  (registers the hello_fast:: ops)
-
-            _ext = _C
-        except ImportError as e:  # not built, or built against another torch
-            _ext_error = str(e).splitlines()[0]
-            warnings.warn(
-                f"hello_fast: C++/CUDA extension not available ({_ext_error}); "
-                "falling back to the PyTorch reference ops (and Triton on GPUs).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        else:
-            from hello_fast.ops import _registrations
-
-            _registrations.register()
-    return _ext
+    """The loaded `hello_fast._C` module, or None (the package warned once about it)."""
+    return _extension.load()
 
 
 def extension_status() -> str:
     ext = extension()
     if ext is None:
-        return f"not available ({_ext_error})"
+        return f"not available ({_extension.error()})"
     return "built with CUDA" if ext.cuda_built() else "built, CPU only"
 
 

@@ -21,11 +21,12 @@ _OFFERED = ("cpp", "torch")
 
 
 def soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, *, mode="mse", temperature=1.0, beta=0.0):
-    """The PyTorch reference (fp32 math): the CPU fallback and the test oracle."""
-    s = student_logits.float()
+    """The PyTorch reference (fp32 math, fp64 for fp64 inputs): the CPU fallback and the test oracle."""
+    compute = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(compute)
     main = s.new_zeros(())
     if target_logits is not None:
-        t = target_logits.detach().float()
+        t = target_logits.detach().to(compute)
         if mode == "mse":
             main = F.mse_loss(s, t)
         else:
@@ -36,7 +37,7 @@ def soft_label_loss_reference(student_logits, target_logits, hard, partner, lam,
     if beta == 0:
         return main
     logp = F.log_softmax(s, dim=1)
-    lam = lam.float()
+    lam = lam.to(compute)
     ce_own = -logp.gather(1, hard[:, None])[:, 0]
     ce_partner = -logp.gather(1, hard[partner][:, None])[:, 0]
     return main + beta * (lam * ce_own + (1 - lam) * ce_partner).mean()
@@ -75,7 +76,7 @@ def soft_label_loss(student_logits, target_logits, hard, partner, lam, *, mode="
     _check(student_logits, target_logits, hard, partner, lam, mode, temperature)
     name = _backend.choose("soft_label_loss", backend, student_logits.device, _OFFERED)
     if name == "torch":
-        return soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, mode=mode, temperature=temperature, beta=beta)
+        return soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, mode=mode, temperature=temperature, beta=beta).float()
     if target_logits is not None:
         target_logits = target_logits.detach()
     return torch.ops.hello_fast.soft_label_loss(student_logits, target_logits, hard, partner, lam, mode, float(temperature), float(beta))

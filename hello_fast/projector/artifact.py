@@ -19,6 +19,9 @@ from hello_fast.errors import HelloError
 
 FORMAT = "hello_fast.label_artifact"
 FORMAT_VERSION = 1
+# all metadata is one sorted JSON document under this key: safetensors keeps metadata in a hash
+# map, so several keys would be written in a random order and the file would not be reproducible
+META_KEY = FORMAT
 _REQUIRED = ("format", "format_version", "backbone", "class_names", "templates", "conv_rank", "head_rank",
              "linear_rank", "alpha", "mean", "std", "image_size", "logit_scale", "tensors_sha256")
 
@@ -61,7 +64,7 @@ def artifact_bytes(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     from safetensors.torch import save
 
     meta = dict(meta, tensors_sha256=tensors_sha256(tensors))
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: json.dumps(v) for k, v in meta.items()})
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def save_artifact(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> int:
@@ -92,12 +95,14 @@ def read_artifact(path: str) -> tuple[dict[str, torch.Tensor], dict]:
             raw_meta = f.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise HelloError(f"{path} is not a readable label artifact (not a complete safetensors file: {e})") from None
-    if raw_meta.get("format") != json.dumps(FORMAT):
-        raise HelloError(f"{path} is a safetensors file but not a hello_fast label artifact (no '{FORMAT}' format tag)")
+    if META_KEY not in raw_meta:
+        raise HelloError(f"{path} is a safetensors file but not a hello_fast label artifact (no '{FORMAT}' metadata)")
     try:
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+        meta = json.loads(raw_meta[META_KEY])
     except ValueError:
         raise HelloError(f"{path}: the artifact's metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise HelloError(f"{path}: the artifact's metadata is not a {FORMAT} record")
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise HelloError(f"{path}: the artifact's metadata lacks {', '.join(missing)}")

@@ -1,0 +1,4 @@
+// The hello_fast op namespace for the C++ test binary (bindings.cpp declares it in the Python module).
+#include <torch/library.h>
+
+TORCH_LIBRARY(hello_fast, m) {}

@@ -1,0 +1,51 @@
+"""Shared fixtures: offline settings, a tiny procedural configuration, and one tiny finished run to inspect."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HELLO_FAST_PROGRESS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY = [
+    "data.source=procedural", "data.procedural_classes=3", "data.procedural_per_class=16", "data.image_size=32",
+    "data.num_classes=3", "data.train_scale=[0.5,1.0]",
+    "clip.templates=simple",
+    "teachers.width=8", "teachers.keep_epochs=[1,2]", "teachers.batch_size=16", "teachers.lr=0.05",
+    "select.ipc=2", "select.candidates_per_class=6", "select.crops_per_image=2", "select.batch_size=32",
+    "projector.conv_rank=2", "projector.head_rank=3", "projector.epochs=1", "projector.batch_size=16",
+    "refine.enabled=true", "refine.steps=2", "refine.batch_size=8",
+    "student.width=8", "student.epochs=2", "student.batch_size=4", "student.eval_every=1",
+]
+
+
+def tiny_config(*extra: str):
+    from hello_fast.config import load_config
+
+    cfg = load_config("digits", TINY + list(extra))
+    cfg.name = "tiny"
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny distill run (procedural data): (run directory, results)."""
+    from hello_fast.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    results = Pipeline(tiny_config(), str(out), device="cpu").distill()
+    return str(out), results
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,104 @@
+"""soft_label_loss: every backend against the float64 reference, forward and backward, with clear errors."""
+import pytest
+import torch
+
+from hello_fast.ops import _backend, soft_label_loss, soft_label_loss_reference
+
+CPP = pytest.mark.skipif(_backend.extension() is None, reason="hello_fast._C not built")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-7,  # the loss is returned as float32
+       torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _inputs(B, C, dtype=torch.float32, g=None, target=True):
+    g = g or torch.Generator().manual_seed(0)
+    s = (torch.randn(B, C, generator=g) * 3).to(dtype).requires_grad_(True)
+    t = (torch.randn(B, C, generator=g) * 3).to(dtype) if target else None
+    hard = torch.randint(0, C, (B,), generator=g)
+    partner = torch.randperm(B, generator=g)
+    lam = torch.rand(B, generator=g)
+    return s, t, hard, partner, lam
+
+
+def _ref64(s, t, hard, partner, lam, **kw):
+    s64 = s.detach().double().requires_grad_(True)
+    out = soft_label_loss_reference(s64, None if t is None else t.double(), hard, partner, lam, **kw)
+    return s64, out
+
+
+@CPP
+@pytest.mark.parametrize("B, C", [(1, 1), (1, 7), (3, 1001), (37, 13), (64, 2049)])
+@pytest.mark.parametrize("mode, temperature, beta", [("mse", 1.0, 0.0), ("mse", 1.0, 0.7), ("kl", 4.0, 0.0), ("kl", 20.0, 0.3)])
+def test_cpp_matches_float64_reference(B, C, mode, temperature, beta, rng):
+    s, t, hard, partner, lam = _inputs(B, C, g=rng)
+    got = soft_label_loss(s, t, hard, partner, lam, mode=mode, temperature=temperature, beta=beta, backend="cpp")
+    s64, want = _ref64(s, t, hard, partner, lam, mode=mode, temperature=temperature, beta=beta)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+    grad_out = torch.rand((), generator=rng) * 3 + 0.5  # grad_output != 1
+    (g,) = torch.autograd.grad(got * grad_out, s)
+    (g64,) = torch.autograd.grad(want * grad_out.double(), s64)
+    assert torch.allclose(g.double(), g64, rtol=1e-4, atol=1e-7)
+
+
+@CPP
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cpp_low_and_high_precision_inputs(dtype, rng):
+    s, t, hard, partner, lam = _inputs(9, 101, dtype=dtype, g=rng)
+    got = soft_label_loss(s, t, hard, partner, lam, mode="kl", temperature=2.0, beta=0.5, backend="cpp")
+    _, want = _ref64(s, t, hard, partner, lam, mode="kl", temperature=2.0, beta=0.5)
+    assert abs(got.item() - want.item()) <= TOL[dtype] * max(1.0, abs(want.item())) * 10
+    (g,) = torch.autograd.grad(got, s)
+    assert g.dtype == dtype and torch.isfinite(g.float()).all()
+
+
+@CPP
+def test_hard_labels_only_is_mixed_cross_entropy(rng):
+    s, _, hard, partner, lam = _inputs(6, 5, g=rng, target=False)
+    got = soft_label_loss(s, None, hard, partner, lam, beta=1.0, backend="cpp")
+    logp = torch.log_softmax(s.double(), 1)
+    want = -(lam * logp[torch.arange(6), hard] + (1 - lam) * logp[torch.arange(6), hard[partner]]).mean()
+    assert abs(got.item() - want.item()) < 1e-5
+
+
+def test_gradient_reaches_the_student_only(rng):
+    s, t, hard, partner, lam = _inputs(4, 6, g=rng)
+    t.requires_grad_(True)
+    loss = soft_label_loss(s, t, hard, partner, lam, mode="mse", beta=0.2)
+    loss.backward()
+    assert s.grad is not None and t.grad is None
+
+
+@CPP
+def test_opcheck_and_compile():
+    s, t, hard, partner, lam = _inputs(5, 7)
+    res = torch.library.opcheck(torch.ops.hello_fast.soft_label_loss.default, (s, t, hard, partner, lam, "kl", 2.0, 0.5))
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+@pytest.mark.parametrize("mutate, error, words", [
+    (lambda a: a.update(mode="l1"), ValueError, "mode"),
+    (lambda a: a.update(hard=torch.tensor([0, 1, 7, 0])), IndexError, "hard labels"),
+    (lambda a: a.update(partner=torch.tensor([0, 1, 2, 4])), IndexError, "partner"),
+    (lambda a: a.update(lam=torch.rand(3)), ValueError, "lam"),
+    (lambda a: a.update(target_logits=torch.randn(4, 5)), ValueError, "target_logits"),
+    (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+    (lambda a: a.update(student_logits=torch.randn(4)), ValueError, "student_logits"),
+])
+def test_bad_arguments_raise_clear_errors(mutate, error, words):
+    args = dict(student_logits=torch.randn(4, 6), target_logits=torch.randn(4, 6), hard=torch.tensor([0, 1, 2, 3]),
+                partner=torch.tensor([1, 0, 3, 2]), lam=torch.rand(4), mode="mse", temperature=1.0)
+    mutate(args)
+    with pytest.raises(error, match=words):
+        soft_label_loss(**args)
+
+
+def test_backend_choice(monkeypatch):
+    s, t, hard, partner, lam = _inputs(3, 4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        soft_label_loss(s, t, hard, partner, lam, backend="fortran")
+    with pytest.raises(RuntimeError, match="not available"):
+        soft_label_loss(s, t, hard, partner, lam, backend="cuda")
+    monkeypatch.setenv("HELLO_FAST_BACKEND", "torch")
+    assert _backend.choose("soft_label_loss", None, torch.device("cpu"), ("cpp", "torch")) == "torch"
+    monkeypatch.setenv("HELLO_FAST_BACKEND", "cuda")  # a preference this op cannot honour on the CPU
+    assert _backend.choose("soft_label_loss", None, torch.device("cpu"), ("cpp", "torch")) in ("cpp", "torch")

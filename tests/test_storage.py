@@ -1,0 +1,50 @@
+"""Label storage figures: the paper's ImageNet-1K numbers, and exactness against a written artifact."""
+import json
+import os
+import subprocess
+import sys
+
+from hello_fast.config import load_config
+from hello_fast.storage import MIB, sre2l_soft_label_bytes, storage_report
+
+
+def test_imagenet1k_ipc10_matches_the_paper():
+    r = storage_report(load_config("imagenet1k-ipc10"))
+    assert 3.0e6 <= r["artifact_bytes"] <= 3.8e6  # paper: 3.3 MB
+    assert r["artifact_lora_parameters"] == 898_776
+    assert abs(r["sre2l_soft_label_bytes"] / MIB - 5798.3) / 5798.3 < 0.10  # paper: 5,798.3 MB
+    assert abs(r["teacher_bytes"] / MIB - 44.7) / 44.7 < 0.05  # paper (RDED): 44.7 MB
+    assert r["artifact_metadata_exact"]
+
+
+def test_other_presets_match_the_papers_table_1():
+    for preset, sre2l_mb, teacher_mb in (("imagenet100-ipc10", 64.8, 42.8), ("places365-ipc10", 790.4, 43.4)):
+        r = storage_report(load_config(preset))
+        assert abs(r["sre2l_soft_label_bytes"] / MIB - sre2l_mb) / sre2l_mb < 0.02
+        assert abs(r["teacher_bytes"] / MIB - teacher_mb) / teacher_mb < 0.02
+
+
+def test_sre2l_formula_counts_logits_and_augmentation():
+    # 2 images, 3 classes, 1 epoch, batch 1: per image 3 fp16 logits + 4 fp32 coords + flip + int64 partner,
+    # per batch fp32 lambda + 4 int64 box
+    assert sre2l_soft_label_bytes(2, 3, 1, 1) == 2 * (6 + 16 + 1 + 8) + 2 * (4 + 32)
+    assert sre2l_soft_label_bytes(10, 5, 7, 4) == 7 * sre2l_soft_label_bytes(10, 5, 1, 4)
+
+
+def test_artifact_figure_is_the_size_of_the_written_file(tiny_run):
+    from conftest import tiny_config
+
+    run, results = tiny_run
+    r = storage_report(tiny_config(), 3, ["pattern 0", "pattern 1", "pattern 2"])
+    assert r["artifact_bytes"] == os.path.getsize(os.path.join(run, "projector", "artifact.safetensors"))
+    assert results["storage"]["artifact_bytes"] == r["artifact_bytes"]
+
+
+def test_storage_cli_json():
+    out = subprocess.run([sys.executable, "-m", "hello_fast", "storage", "--config", "imagenet1k-ipc10", "--json"],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert {"artifact_bytes", "sre2l_soft_label_bytes", "teacher_bytes"} <= set(data)
+    text = subprocess.run([sys.executable, "-m", "hello_fast", "storage", "--config", "imagenet1k-ipc10"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "HeLlO label artifact" in text and "smaller than the stored labels" in text
