@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("distill", "teachers", "select", "projector", "refine", "student"):
         p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
         _common(p)
+        if name in ("distill", "student"):
+            g = p.add_argument_group("labels from another artifact")
+            g.add_argument("--artifact", metavar="FILE", help="label the projector students with this label artifact "
+                           "instead of the run's own (its class count must match the data)")
+            g.add_argument("--artifact-weights", metavar="FILE", help="a local CLIP checkpoint for that artifact's "
+                           "backbone, when its recorded weights are not in the cache here (the sha256 must match)")
     p = sub.add_parser("inspect", help="print a label artifact's metadata and size, and validate it",
                        description="Print a label artifact's metadata and size, and validate it (format, checksum, "
                                    "shapes). Exits non-zero if the file is not a valid artifact.")
@@ -92,6 +98,10 @@ def _load_cfg(args):
     if args.data:
         cfg.data.source = "folder"
         cfg.data.root = args.data
+    if getattr(args, "artifact", None):
+        cfg.student.artifact = os.path.abspath(args.artifact)
+    if getattr(args, "artifact_weights", None):
+        cfg.student.artifact_weights = os.path.abspath(args.artifact_weights)
     return cfg
 
 

@@ -96,6 +96,8 @@ class StudentConfig:
     arch: str = "resnet18"
     width: int | None = None  # ResNet-18 small-image variant only: base width (None: 64)
     label_sources: list = field(default_factory=lambda: ["hard", "teacher", "projector"])
+    artifact: str | None = None  # a label artifact for the projector source (None: the run's projector stage)
+    artifact_weights: str | None = None  # CLIP weights file for that artifact's backbone, if not at its recorded source
     epochs: int = 300
     batch_size: int = 100
     lr: float = 1e-3

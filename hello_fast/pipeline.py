@@ -70,9 +70,15 @@ class Pipeline:
             if source == "teacher":
                 parts.append(self._current("teachers"))
             if source == "projector":
-                parts.append(self._current("projector"))
+                parts.append(self._artifact_identity() if c.student.artifact else self._current("projector"))
             return _hash(*parts)
         raise ValueError(stage)
+
+    def _artifact_identity(self) -> str:
+        from hello_fast.projector.artifact import read_artifact
+
+        _, meta = read_artifact(self.cfg.student.artifact)
+        return _hash(meta["tensors_sha256"], self.cfg.student.artifact_weights or "")
 
     def _distilled_stage(self) -> str:
         return "refine" if self.cfg.refine.enabled else "select"
@@ -193,8 +199,12 @@ class Pipeline:
             return st.TeacherLabels(load_teachers(self.run, self.device), sum(summary["bytes"].values()))
         from hello_fast.projector.artifact import load_projector
 
-        path = artifact_path(self.run)
-        projector, _ = load_projector(path, num_classes=self.data()[0].num_classes, device=self.device)
+        path = self.cfg.student.artifact or artifact_path(self.run)
+        projector, meta = load_projector(path, num_classes=self.data()[0].num_classes, device=self.device,
+                                         clip_pretrained=self.cfg.student.artifact_weights)
+        if meta["class_names"] != self.data()[0].class_names:
+            log(f"student: note: {path} names its classes {meta['class_names'][:3]}..., the data {self.data()[0].class_names[:3]}...; "
+                "labels follow the artifact's class order")
         return st.ProjectorLabels(projector, os.path.getsize(path))
 
     def report(self, students: dict) -> dict:

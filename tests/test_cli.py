@@ -113,3 +113,35 @@ def test_distill_from_the_cli_on_a_folder(tmp_path):
     # a rerun finishes at once: everything is current
     again = run(*args)
     assert again.returncode == 0 and again.stderr.count("skipping") >= 5
+
+
+def test_student_with_another_artifact(tiny_run, tmp_path):
+    """--artifact: labels from a given artifact; wrong class count or backbone weights are refused in one line."""
+    import shutil
+
+    import torch
+    from conftest import TINY
+
+    from hello_fast.models.clip import load_clip
+
+    run_dir, _ = tiny_run
+    out = tmp_path / "ext"
+    shutil.copytree(run_dir, out)
+    own = os.path.join(run_dir, "projector", "artifact.safetensors")
+    ok = run("student", "--out", str(out), "--artifact", own, "--set", "student.label_sources=[projector]")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    # an artifact made for 4 classes, on data with 3
+    other = tmp_path / "other"
+    four = [a for a in TINY if not a.startswith(("data.procedural_classes", "data.num_classes"))]
+    made = run("distill", "--out", str(other), "--set", "data.procedural_classes=4", "--set", "data.num_classes=4",
+               "--set", "student.label_sources=[hard]", *sum((["--set", a] for a in four), []))
+    assert made.returncode == 0, made.stderr[-2000:]
+    bad = run("student", "--out", str(out), "--artifact", str(other / "projector" / "artifact.safetensors"),
+              "--set", "student.label_sources=[projector]")
+    _assert_clean_error(bad, "labels 4 classes but the data has 3")
+    # the right artifact on other backbone weights
+    weights = tmp_path / "other_clip.pt"
+    torch.save(load_clip("hello-tiny-rn", init_seed=7).model.state_dict(), weights)
+    wrong = run("student", "--out", str(out), "--artifact", own, "--artifact-weights", str(weights),
+                "--set", "student.label_sources=[projector]")
+    _assert_clean_error(wrong, "was trained on backbone hello-tiny-rn")

@@ -48,3 +48,14 @@ def test_storage_cli_json():
     text = subprocess.run([sys.executable, "-m", "hello_fast", "storage", "--config", "imagenet1k-ipc10"],
                           capture_output=True, text=True, check=True).stdout
     assert "HeLlO label artifact" in text and "smaller than the stored labels" in text
+
+
+def test_storage_benchmark_writes_its_results(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_storage.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    doc = json.loads((tmp_path / "storage.json").read_text())
+    assert {"date", "torch", "device_name"} <= set(doc["environment"])
+    in1k = next(r for r in doc["rows"] if r["preset"] == "imagenet1k-ipc10")
+    assert in1k["sre2l_over_artifact"] > 1000
+    assert (tmp_path / "storage.csv").read_text().startswith("preset,")

@@ -1,0 +1,1 @@
+"""Benchmark scripts of hello_fast; each writes its results under benchmarks/results/."""
