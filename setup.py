@@ -90,7 +90,7 @@ setup(
         "hello_fast.stages",
         "hello_fast.kernels",
     ],
-    package_data={"hello_fast": ["presets/*.yaml", "models/configs/*.json"]},
+    package_data={"hello_fast": ["presets/*.yaml", "models/configs/*.json"], "hello_fast.kernels": ["configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -5,6 +5,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HELLO_FAST_PROGRESS", "0")
+try:  # without a GPU, Triton kernels are tested through the interpreter (set before triton is imported)
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -49,3 +56,14 @@ def has_cuda() -> bool:
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def triton_device():
+    """Where Triton kernels run in this session: the GPU, or the CPU through the interpreter; None if neither."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None

@@ -1,0 +1,67 @@
+"""pytest-benchmark entries: `python -m pytest benchmarks --benchmark-enable` times them; CI runs each once.
+
+GPU entries skip without CUDA (the Triton kernels' speed needs a GPU); CPU entries compare the
+csrc C++ kernels with their PyTorch references on this machine's cores.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hello_fast.ops import _backend, lora_linear, soft_label_loss
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+cpp = pytest.mark.skipif(_backend.extension() is None, reason="hello_fast._C not built")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def head_problem():
+    dev = "cuda"
+    x = torch.randn(4096, 1024, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(1000, 1024, device=dev, dtype=torch.bfloat16) / 32
+    a = torch.randn(128, 1024, device=dev, dtype=torch.bfloat16) / 32
+    b = torch.randn(1000, 128, device=dev, dtype=torch.bfloat16) / 11
+    return x, w, a, b
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["base_gemm", "unfused", "fused"])
+def test_lora_linear_head(benchmark, head_problem, impl):
+    x, w, a, b = head_problem
+    fns = {
+        "base_gemm": lambda: x @ w.t(),
+        "unfused": lambda: F.linear(x, w) + 0.5 * F.linear(F.linear(x, a), b),
+        "fused": lambda: lora_linear(x, w, a, b, 0.5, backend="triton"),
+    }
+    fn = fns[impl]
+
+    def run():
+        fn()
+        _sync()
+
+    benchmark(run)
+
+
+@pytest.fixture(scope="module")
+def loss_problem():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(256, 1000, generator=g, requires_grad=True)
+    t = torch.randn(256, 1000, generator=g)
+    hard = torch.randint(0, 1000, (256,), generator=g)
+    return s, t, hard, torch.randperm(256, generator=g), torch.rand(256, generator=g)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=cpp), "torch"])
+@pytest.mark.parametrize("mode", ["mse", "kl"])
+def test_soft_label_loss_cpu(benchmark, loss_problem, backend, mode):
+    s, t, hard, partner, lam = loss_problem
+
+    def run():
+        loss = soft_label_loss(s, t, hard, partner, lam, mode=mode, temperature=4.0, beta=0.1, backend=backend)
+        torch.autograd.grad(loss, [s])
+
+    benchmark(run)

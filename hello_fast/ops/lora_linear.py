@@ -1,0 +1,154 @@
+"""The LoRA linear op: y = x W^T + bias + scale * (x A^T) B^T (the peft convention), and its multi-adapter form.
+
+`lora_linear(x, weight, lora_a, lora_b, scale, bias=None, backend=None)`: x (..., K) with any
+leading dims and strides, weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,) or None. The
+x A^T intermediate and all accumulation are fp32; the output has x's dtype. Autograd gives
+gradients for x, lora_a, lora_b, and bias/weight when they require them. Backends: "triton"
+(one fused kernel, hello_fast.kernels.lora_linear) and "torch" (the reference below, also the
+CPU fallback); HELLO_FAST_BACKEND prefers one.
+
+`lora_linear_multi(x, weight, lora_a (n, r, K), lora_b (n, N, r), adapter_index (rows,), scales
+(n,), bias=None)`: row m uses adapter adapter_index[m] (one backbone serving several label
+artifacts in one batch).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hello_fast.ops import _backend
+
+_OFFERED = ("triton", "torch")
+
+
+def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):
+    """The PyTorch expression (fp32 x A^T): the CPU fallback and the test oracle (in float64 on float64 inputs)."""
+    y = F.linear(x, weight, bias)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    h = F.linear(x.to(compute), lora_a.to(compute))
+    return y + (scale * F.linear(h, lora_b.to(compute))).to(y.dtype)
+
+
+def lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_index, scales, bias=None):
+    y = F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    idx = adapter_index.reshape(-1)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    delta = torch.zeros(x2.shape[0], weight.shape[0], device=x.device, dtype=compute)
+    for j in range(lora_a.shape[0]):
+        rows = (idx == j).nonzero()[:, 0]
+        if rows.numel():
+            h = F.linear(x2[rows].to(compute), lora_a[j].to(compute))
+            delta[rows] = float(scales[j]) * F.linear(h, lora_b[j].to(compute))
+    return y + delta.reshape(*lead, -1).to(y.dtype)
+
+
+def _check(x, weight, lora_a, lora_b, bias):
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"lora_linear: x must be (..., K) and weight (N, K), got {tuple(x.shape)}, {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, weight expects {K}")
+    if lora_a.dim() != 2 or lora_a.shape[1] != K:
+        raise ValueError(f"lora_linear: lora_a must be (r, {K}), got {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if lora_b.shape != (N, r):
+        raise ValueError(f"lora_linear: lora_b must be ({N}, {r}), got {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"lora_linear: weight is {weight.dtype} but x is {x.dtype}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"lora_linear: {name} is on {t.device}, x on {x.device}")
+
+
+class _LoRALinearTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, lora_a, lora_b, bias, scale):
+        from hello_fast.kernels import lora_linear as kern
+
+        out = kern.fused(x2d, weight, lora_b, scale, a=lora_a, bias=bias)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        from hello_fast.kernels import lora_linear as kern
+
+        x2d, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_w, need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        dy = dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype)
+        # g = s * dy B (rows x r, fp32): the LoRA path's gradient at x A^T, accumulated in fp32 from strided views
+        g = kern.tn(dy.t(), lora_b, s) if (need_x or need_a) else None
+        dx = dw = da = db = dbias = None
+        if need_x:
+            # dx = dy W + g A: the forward kernel on dy with W^T, B' = A^T and the precomputed g
+            dx = kern.fused(dy, weight.t(), lora_a.t(), 1.0, h=g)
+        if need_a:
+            da = kern.tn(g, x2d).to(lora_a.dtype)  # (r, K) = g^T x
+        if need_b:
+            h = kern.tn(x2d.t(), lora_a.t())  # x A^T (rows x r), recomputed in fp32
+            db = kern.tn(dy, h, s).to(lora_b.dtype)  # (N, r) = s dy^T (x A^T)
+        if need_w:
+            dw = torch.matmul(dy.t(), x2d).to(weight.dtype)
+        if need_bias:
+            dbias = dy.float().sum(0).to(dy.dtype)
+        return dx, dw, da, db, dbias, None
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, backend=None):
+    """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T with an fp32 LoRA intermediate.
+
+    Any leading dims and strides for x; autograd for x, lora_a, lora_b (and weight, bias).
+    `backend`: "triton", "torch" or None (the best available; Triton on CUDA tensors).
+    """
+    _check(x, weight, lora_a, lora_b, bias)
+    name = _backend.choose("lora_linear", backend, x.device, _OFFERED)
+    if name == "torch":
+        return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    out = _LoRALinearTriton.apply(x2d, weight, lora_a, lora_b, bias, float(scale))
+    return out.reshape(*lead, weight.shape[0])
+
+
+def lora_linear_multi(x, weight, lora_a, lora_b, adapter_index, scales, bias=None, *, backend=None):
+    """Several LoRA adapters on one base weight: row m of x uses adapter adapter_index[m].
+
+    lora_a (n, r, K), lora_b (n, N, r), scales (n,) floats or a tensor, adapter_index int64 with
+    x's leading shape. The Triton path is forward-only (serving); under autograd the reference runs.
+    """
+    N, K = weight.shape
+    if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[0] != lora_b.shape[0]:
+        raise ValueError("lora_linear_multi: lora_a must be (n, r, K) and lora_b (n, N, r)")
+    n, r, _ = lora_a.shape
+    _check(x, weight, lora_a[0], lora_b[0], bias)
+    if adapter_index.shape != x.shape[:-1] or adapter_index.dtype != torch.long:
+        raise ValueError(f"lora_linear_multi: adapter_index must be int64 of shape {tuple(x.shape[:-1])}")
+    scales = torch.as_tensor(scales, dtype=torch.float32).reshape(-1)
+    if scales.numel() != n:
+        raise ValueError(f"lora_linear_multi: {scales.numel()} scales for {n} adapters")
+    if adapter_index.numel() and (int(adapter_index.min()) < 0 or int(adapter_index.max()) >= n):
+        raise IndexError(f"lora_linear_multi: adapter_index must lie in [0, {n})")
+    name = _backend.choose("lora_linear_multi", backend, x.device, _OFFERED)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias))
+    if name == "torch" or grad:
+        return lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_index, scales, bias)
+    from hello_fast.kernels import lora_linear as kern
+
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    idx = adapter_index.reshape(-1)
+    # per-row fp32 H = s_j x A_j^T, one thin GEMM per adapter (n is small: a few label artifacts)
+    h = torch.empty(x2d.shape[0], r, device=x.device, dtype=torch.float32)
+    for j in range(n):
+        rows = (idx == j).nonzero()[:, 0]
+        if rows.numel():
+            h[rows] = torch.matmul(x2d[rows].float(), lora_a[j].float().t()) * float(scales[j])
+    out = kern.multi(x2d, weight, h, idx, lora_b, bias)
+    return out.reshape(*lead, N)
