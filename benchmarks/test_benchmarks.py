@@ -65,3 +65,40 @@ def test_soft_label_loss_cpu(benchmark, loss_problem, backend, mode):
         torch.autograd.grad(loss, [s])
 
     benchmark(run)
+
+
+@pytest.fixture(scope="module")
+def augment_problem():
+    from hello_fast.ops import sample_augment_params
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (128, 3, 256, 256), dtype=torch.uint8, generator=g)
+    index = torch.randint(0, 128, (64,), generator=g)
+    p = sample_augment_params(index, 256, 256, out_size=224, scale=(0.5, 1.0), mode="cutmix", generator=g)
+    views = [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.float32),
+             ((0.481, 0.458, 0.408), (0.269, 0.261, 0.276), torch.bfloat16)]
+    return src, index, p, views
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=cpp), "torch"])
+def test_augment_mix_cpu(benchmark, augment_problem, backend):
+    from hello_fast.ops import augment_mix
+
+    src, index, p, views = augment_problem
+    benchmark(lambda: augment_mix(src, index, **p, mode="cutmix", out_size=224, views=views, backend=backend))
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_augment_mix_gpu(benchmark, augment_problem, backend):
+    from hello_fast.ops import augment_mix
+
+    src, index, p, views = augment_problem
+    src, index = src.cuda(), index.cuda()
+    p = {k: v.cuda() for k, v in p.items()}
+
+    def run():
+        augment_mix(src, index, **p, mode="cutmix", out_size=224, views=views, backend=backend, check=False)
+        _sync()
+
+    benchmark(run)

@@ -40,6 +40,29 @@ def test_cpp_matches_float64_reference(B, C, mode, temperature, beta, rng):
     assert torch.allclose(g.double(), g64, rtol=1e-4, atol=1e-7)
 
 
+def _cpu_backends():
+    from conftest import triton_device
+
+    out = ["cpp"] if _backend.extension() is not None else []
+    return out + (["triton"] if triton_device() == "cpu" else [])
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("B, C", [(1, 1), (3, 7), (7, 1001), (5, 20000)])
+@pytest.mark.parametrize("mode, temperature, beta, target", [
+    ("mse", 1.0, 0.0, True), ("mse", 1.0, 0.7, True), ("kl", 4.0, 0.0, True), ("kl", 1.0, 0.3, True), ("mse", 1.0, 1.0, False),
+])
+def test_every_backend_matches_float64(backend, B, C, mode, temperature, beta, target, rng):
+    s, t, hard, partner, lam = _inputs(B, C, g=rng, target=target)
+    got = soft_label_loss(s, t, hard, partner, lam, mode=mode, temperature=temperature, beta=beta, backend=backend)
+    s64, want = _ref64(s, t, hard, partner, lam, mode=mode, temperature=temperature, beta=beta)
+    assert abs(got.item() - want.item()) <= 1e-4 * max(1.0, abs(want.item()))
+    grad_out = torch.rand((), generator=rng) + 0.5
+    (g,) = torch.autograd.grad(got * grad_out, s)
+    (g64,) = torch.autograd.grad(want * grad_out.double(), s64)
+    assert (g.double() - g64).abs().max() <= 1e-5 * max(1.0, g64.abs().max().item()) + 1e-9
+
+
 @CPP
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_cpp_low_and_high_precision_inputs(dtype, rng):
@@ -71,8 +94,17 @@ def test_gradient_reaches_the_student_only(rng):
 @CPP
 def test_opcheck_and_compile():
     s, t, hard, partner, lam = _inputs(5, 7)
-    res = torch.library.opcheck(torch.ops.hello_fast.soft_label_loss.default, (s, t, hard, partner, lam, "kl", 2.0, 0.5))
-    assert all(v == "SUCCESS" for v in res.values()), res
+    for op in (torch.ops.hello_fast.soft_label_loss.default, torch.ops.hello_fast.soft_label_loss_with_grad.default):
+        res = torch.library.opcheck(op, (s.detach(), t, hard, partner, lam, "kl", 2.0, 0.5))
+        assert all(v == "SUCCESS" for v in res.values()), res
+    compiled = torch.compile(lambda a: soft_label_loss(a, t, hard, partner, lam, mode="kl", temperature=2.0, beta=0.5, backend="cpp"),
+                             fullgraph=False)
+    want = soft_label_loss(s, t, hard, partner, lam, mode="kl", temperature=2.0, beta=0.5, backend="cpp")
+    got = compiled(s)
+    assert torch.allclose(got, want)
+    (g1,) = torch.autograd.grad(got, [s])
+    (g2,) = torch.autograd.grad(want, [s])
+    assert torch.allclose(g1, g2)
 
 
 @pytest.mark.parametrize("mutate, error, words", [
@@ -96,9 +128,29 @@ def test_backend_choice(monkeypatch):
     s, t, hard, partner, lam = _inputs(3, 4)
     with pytest.raises(ValueError, match="unknown backend"):
         soft_label_loss(s, t, hard, partner, lam, backend="fortran")
-    with pytest.raises(RuntimeError, match="not available"):
-        soft_label_loss(s, t, hard, partner, lam, backend="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="not available"):
+            soft_label_loss(s, t, hard, partner, lam, backend="cuda")
     monkeypatch.setenv("HELLO_FAST_BACKEND", "torch")
     assert _backend.choose("soft_label_loss", None, torch.device("cpu"), ("cpp", "torch")) == "torch"
     monkeypatch.setenv("HELLO_FAST_BACKEND", "cuda")  # a preference this op cannot honour on the CPU
     assert _backend.choose("soft_label_loss", None, torch.device("cpu"), ("cpp", "torch")) in ("cpp", "torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("mode", ["mse", "kl"])
+def test_gpu_backends(backend, dtype, tol, mode, rng):
+    if backend == "cuda" and not _backend.available(torch.device("cuda"), ("cuda",)):
+        pytest.skip("extension built without CUDA")
+    s, t, hard, partner, lam = _inputs(256, 1000, g=rng)
+    args = [x.cuda() for x in (s.detach(), t, hard, partner, lam)]
+    args[0] = args[0].to(dtype).requires_grad_(True)
+    args[1] = args[1].to(dtype)
+    got = soft_label_loss(*args, mode=mode, temperature=4.0, beta=0.1, backend=backend)
+    (g,) = torch.autograd.grad(got, args[0])
+    s64, want = _ref64(args[0].detach().cpu(), args[1].cpu(), hard, partner, lam, mode=mode, temperature=4.0, beta=0.1)
+    (g64,) = torch.autograd.grad(want, s64)
+    assert abs(got.item() - want.item()) <= tol * max(1.0, abs(want.item()))
+    assert ((g.double().cpu() - g64).norm() / g64.norm()).item() <= tol * 10

@@ -1,4 +1,4 @@
-// C++ test of the hello_fast::soft_label_loss CPU kernels against ATen expressions (run by ctest).
+// C++ test of the hello_fast::soft_label_loss(_with_grad) CPU kernels against ATen expressions (run by ctest).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -46,10 +46,10 @@ void check_case(int64_t B, int64_t C, const std::string& mode, double T, double 
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("hello_fast::soft_label_loss", "")
                 .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                   const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
-  auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("hello_fast::soft_label_loss_backward", "")
-                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double,
-                                   double)>();
+  auto with_grad = c10::Dispatcher::singleton().findSchemaOrThrow("hello_fast::soft_label_loss_with_grad", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, c10::string_view, double, double)>();
   auto s = at::randn({B, C}) * 3;
   auto t = with_target ? at::randn({B, C}) * 3 : at::Tensor();
   auto hard = at::randint(0, C, {B}, at::kLong);
@@ -59,17 +59,17 @@ void check_case(int64_t B, int64_t C, const std::string& mode, double T, double 
   const std::string name = mode + " B=" + std::to_string(B) + " C=" + std::to_string(C) + " beta=" +
                            std::to_string(beta) + (with_target ? "" : " (no target)");
   auto got = op.call(s, topt, hard, partner, lam, mode, T, beta);
-  expect_close("forward  " + name, got, reference(s, t, hard, partner, lam, mode, T, beta), 1e-5);
+  expect_close("loss     " + name, got, reference(s, t, hard, partner, lam, mode, T, beta), 1e-5);
   // gradient by central differences of the reference, along a random direction
   auto dir = at::randn({B, C}, at::kDouble);
   const double eps = 1e-4;
   auto sd = s.to(at::kDouble);
   auto plus = reference(sd + eps * dir, t, hard, partner, lam, mode, T, beta).item<double>();
   auto minus = reference(sd - eps * dir, t, hard, partner, lam, mode, T, beta).item<double>();
-  const double g = 1.7;
-  auto grad = bwd.call(at::scalar_tensor(g), s, topt, hard, partner, lam, mode, T, beta);
+  auto [loss, grad] = with_grad.call(s, topt, hard, partner, lam, mode, T, beta);
+  expect_close("with_grad loss " + name, loss, got, 1e-6);
   auto directional = (grad.to(at::kDouble) * dir).sum();
-  expect_close("backward " + name, directional, at::scalar_tensor(g * (plus - minus) / (2 * eps), at::kDouble), 1e-3);
+  expect_close("gradient " + name, directional, at::scalar_tensor((plus - minus) / (2 * eps), at::kDouble), 1e-3);
 }
 
 }  // namespace

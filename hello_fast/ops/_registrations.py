@@ -11,24 +11,20 @@ def register() -> None:
     if _done:
         return
     _done = True
-    lib = torch.ops.hello_fast
-
     @torch.library.register_fake("hello_fast::soft_label_loss")
     def _(student, target, hard, partner, lam, mode, temperature, beta):
         return student.new_empty((), dtype=torch.float32)
 
-    @torch.library.register_fake("hello_fast::soft_label_loss_backward")
-    def _(grad, student, target, hard, partner, lam, mode, temperature, beta):
-        return torch.empty_like(student)
+    @torch.library.register_fake("hello_fast::soft_label_loss_with_grad")
+    def _(student, target, hard, partner, lam, mode, temperature, beta):
+        return student.new_empty((), dtype=torch.float32), torch.empty_like(student)
 
-    def _setup(ctx, inputs, output):
-        student, target, hard, partner, lam, mode, temperature, beta = inputs
-        ctx.save_for_backward(student, target, hard, partner, lam)
-        ctx.mode, ctx.temperature, ctx.beta = mode, temperature, beta
+    @torch.library.register_fake("hello_fast::augment_mix")
+    def _(src, index, crop, flip, partner, lam, cut, mode, out_size, mean, std, dtypes, channels_last):
+        from hello_fast.ops.augment_mix import DTYPE_CODES
 
-    def _backward(ctx, grad):
-        student, target, hard, partner, lam = ctx.saved_tensors
-        g = lib.soft_label_loss_backward(grad, student, target, hard, partner, lam, ctx.mode, ctx.temperature, ctx.beta)
-        return g, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("hello_fast::soft_label_loss", _backward, setup_context=_setup)
+        B = index.shape[0]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        codes = {v: k for k, v in DTYPE_CODES.items()}
+        views = [torch.empty((B, 3, out_size, out_size), dtype=codes[d], device=src.device, memory_format=fmt) for d in dtypes]
+        return views, torch.empty((B,), dtype=torch.float32, device=src.device)

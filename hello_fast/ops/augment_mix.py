@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from hello_fast.ops import _backend
 
 MODES = ("none", "mixup", "cutmix")
-_OFFERED = ("torch",)
+_OFFERED = ("triton", "cuda", "cpp", "torch")  # preferred first (see soft_label_loss for why Triton leads)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the csrc op's view dtype codes
 
 
 def _views_spec(views):
@@ -36,8 +37,8 @@ def _views_spec(views):
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"augment_mix: a view needs 3 means and 3 positive stds, got {mean}, {std}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"augment_mix: view dtype must be floating point, got {dtype}")
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"augment_mix: view dtype must be float32, float16 or bfloat16, got {dtype}")
         out.append((mean, std, dtype))
     if not out:
         raise ValueError("augment_mix: give at least one view")
@@ -122,15 +123,33 @@ def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, ou
     return tuple(out), lam_eff
 
 
-def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, backend=None):
+def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, channels_last=False, check=True,
+                backend=None):
     """Crop, resize, flip, mix and normalise a batch from the image set `src` in one pass.
 
     Returns (tuple of one tensor per view, lam_eff float32 (B,)). See the module docstring.
+    `channels_last` writes the views in channels-last memory; `check=False` skips the range checks
+    (they read the parameters on the host: skip them only for parameters from sample_augment_params).
     """
-    check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size)
-    _views_spec(views)
-    _backend.choose("augment_mix", backend, src.device, _OFFERED)
-    return augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=views)
+    if check:
+        check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size)
+    spec = _views_spec(views)
+    name = _backend.choose("augment_mix", backend, src.device, _OFFERED)
+    if name == "torch":
+        out, lam_eff = augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=views)
+        if channels_last:
+            out = tuple(v.contiguous(memory_format=torch.channels_last) for v in out)
+        return out, lam_eff
+    if name == "triton":
+        from hello_fast.kernels import augment_mix as kern
+
+        return kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last)
+    mean = [m for v in spec for m in v[0]]
+    std = [s for v in spec for s in v[1]]
+    codes = [DTYPE_CODES[v[2]] for v in spec]
+    out, lam_eff = torch.ops.hello_fast.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size),
+                                                    mean, std, codes, bool(channels_last))
+    return tuple(out), lam_eff
 
 
 def _beta(alpha: float, n: int, g: torch.Generator) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""augment_mix backends (cpp, Triton through the interpreter, CUDA and Triton on a GPU) against the PyTorch reference."""
+import pytest
+import torch
+from conftest import gpu, triton_device
+
+from hello_fast.ops import _backend, augment_mix, augment_mix_reference, sample_augment_params
+
+VIEWS = [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.float32), ((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), torch.float32)]
+
+
+def _cpu_backends():
+    out = []
+    if _backend.extension() is not None:
+        out.append("cpp")
+    if triton_device() == "cpu":
+        out.append("triton")
+    return out
+
+
+CPU_BACKENDS = _cpu_backends()
+
+
+def _params(B, S, H, W, out, mode, g, device="cpu"):
+    index = torch.randint(0, S, (B,), generator=g)
+    p = sample_augment_params(index, H, W, out_size=out, scale=(0.05, 1.0), mode=mode, per_sample=True, generator=g)
+    if mode == "mixup":
+        p["lam"] = torch.rand(B, generator=g)
+    return index.to(device), {k: v.to(device) for k, v in p.items()}
+
+
+def _compare(backend, src, index, p, mode, out, views=VIEWS, tol=2e-3, channels_last=False):
+    ref, lam_ref = augment_mix_reference(src.cpu(), index.cpu(), **{k: v.cpu() for k, v in p.items()}, mode=mode, out_size=out, views=views)
+    got, lam = augment_mix(src, index, **p, mode=mode, out_size=out, views=views, backend=backend, channels_last=channels_last)
+    assert len(got) == len(views)
+    for g_, r_, (_, _, dtype) in zip(got, ref, views):
+        assert g_.dtype == dtype and g_.shape == r_.shape
+        assert torch.isfinite(g_.float()).all()
+        assert (g_.float().cpu() - r_.float()).abs().max().item() <= tol
+    assert torch.allclose(lam.cpu(), lam_ref, atol=1e-6)
+    return got
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["none", "mixup", "cutmix"])
+@pytest.mark.parametrize("B, out", [(1, 1), (3, 8), (7, 17), (3, 45), (1, 224)])
+def test_backend_matches_reference(backend, mode, B, out, rng):
+    src = torch.randint(0, 256, (5, 3, 29, 38), dtype=torch.uint8, generator=rng)
+    index, p = _params(B, 5, 29, 38, out, mode, rng)
+    _compare(backend, src, index, p, mode, out)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_border_and_one_pixel_crops_partner_self(backend, rng):
+    src = torch.randint(0, 256, (4, 3, 21, 30), dtype=torch.uint8, generator=rng)
+    index = torch.tensor([0, 3, 2, 1, 0, 3, 2])
+    crop = torch.tensor([[0, 0, 21, 30], [20, 29, 1, 1], [0, 29, 21, 1], [20, 0, 1, 30], [0, 0, 1, 1], [5, 7, 16, 23], [0, 0, 7, 30]])
+    flip = torch.tensor([True, False, True, True, False, False, True])
+    partner = torch.arange(7)  # every sample mixes with itself
+    cut = torch.tensor([[0, 0, 17, 17], [3, 4, 9, 10], [0, 0, 0, 0], [16, 16, 17, 17], [2, 2, 15, 3], [0, 5, 17, 6], [1, 1, 2, 2]])
+    lam = torch.rand(7, generator=rng)
+    for mode in ("none", "mixup", "cutmix"):
+        p = dict(crop=crop, flip=flip, partner=partner, lam=lam, cut=cut)
+        _compare(backend, src, index, p, mode, 17)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_low_precision_views_and_channels_last(backend, rng):
+    src = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=rng)
+    index, p = _params(5, 6, 40, 40, 24, "cutmix", rng)
+    views = [VIEWS[0], ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.bfloat16), ((0.4, 0.4, 0.4), (0.3, 0.3, 0.3), torch.float16)]
+    got = _compare(backend, src, index, p, "cutmix", 24, views=views, tol=4e-2, channels_last=True)
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in got)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_source(backend, rng):
+    big = torch.randint(0, 256, (5, 40, 50, 3), dtype=torch.uint8, generator=rng)
+    src = big.permute(0, 3, 1, 2)  # channels-last memory, NCHW view
+    index, p = _params(4, 5, 40, 50, 19, "mixup", rng)
+    _compare(backend, src, index, p, "mixup", 19)
+
+
+@pytest.mark.skipif(_backend.extension() is None, reason="hello_fast._C not built")
+def test_csrc_op_checks_ranges_itself_and_passes_opcheck():
+    src = torch.randint(0, 256, (3, 3, 10, 10), dtype=torch.uint8)
+    args = [src, torch.tensor([0, 1]), torch.tensor([[0, 0, 10, 10], [2, 2, 5, 5]]), torch.tensor([False, True]),
+            torch.tensor([1, 0]), torch.rand(2), torch.tensor([[0, 0, 4, 4], [1, 1, 3, 3]]), "cutmix", 8,
+            [0.5] * 6, [0.25] * 6, [0, 2], False]
+    res = torch.library.opcheck(torch.ops.hello_fast.augment_mix.default, tuple(args))
+    assert all(v == "SUCCESS" for v in res.values()), res
+    bad = list(args)
+    bad[2] = torch.tensor([[0, 0, 11, 10], [2, 2, 5, 5]])  # crop outside the image
+    with pytest.raises(RuntimeError, match="crop"):
+        torch.ops.hello_fast.augment_mix(*bad)
+    bad = list(args)
+    bad[1] = torch.tensor([0, 3])
+    with pytest.raises(RuntimeError, match="index"):
+        torch.ops.hello_fast.augment_mix(*bad)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("mode", ["none", "mixup", "cutmix"])
+@pytest.mark.parametrize("B, out", [(1, 1), (7, 17), (3, 45), (64, 224)])
+def test_gpu_backends(backend, mode, B, out, rng):
+    if backend == "cuda" and not _backend.available(torch.device("cuda"), ("cuda",)):
+        pytest.skip("extension built without CUDA")
+    src = torch.randint(0, 256, (9, 3, 230, 190), dtype=torch.uint8, generator=rng)
+    index, p = _params(B, 9, 230, 190, out, mode, rng, device="cuda")
+    _compare(backend, src.cuda(), index, p, mode, out)

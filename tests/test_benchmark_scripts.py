@@ -1,0 +1,31 @@
+"""The benchmark scripts run and write their results files (device, versions, date) where they are told."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, result", [("bench_augment.py", "augment_mix_cpu"), ("bench_loss.py", "soft_label_loss_cpu")])
+def test_cpu_benchmarks_write_results(tmp_path, script, result):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((tmp_path / f"{result}.json").read_text())
+    assert {"date", "torch", "device_name", "extension"} <= set(doc["environment"])
+    assert doc["rows"] and all(r.get("cpp_speedup", 0) > 0 for r in doc["rows"])
+
+
+def test_gpu_benchmark_says_when_nothing_was_measured(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script measures")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_lora.py"), "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "nothing measured" in out.stdout
+    assert not list(tmp_path.iterdir())  # no invented figures
