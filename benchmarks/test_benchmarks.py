@@ -102,3 +102,27 @@ def test_augment_mix_gpu(benchmark, augment_problem, backend):
         _sync()
 
     benchmark(run)
+
+
+@pytest.fixture(scope="module")
+def loop_setup():
+    import argparse
+
+    from hello_fast.bench import _Setup
+
+    args = argparse.Namespace(student="resnet18", projector="hello-tiny-rn", batch=32, res=32, classes=10, conv_rank=4,
+                              head_rank=8, width=16, capture=False, device="cpu", steps=3)
+    return _Setup(args)
+
+
+@pytest.mark.parametrize("loop", ["fast", "floor"])
+def test_student_loop_step_cpu(benchmark, loop_setup, loop):
+    """One student step with online projector labels (fast) and without labeling (floor), tiny CPU sizes."""
+    from hello_fast import bench, labels
+
+    s = loop_setup
+    if loop == "floor":
+        benchmark.pedantic(lambda: bench._floor(s, 1), rounds=3)
+    else:
+        source = labels.ProjectorLabels(s.projector, s.meta, 0, device=s.device, fast=True)
+        benchmark.pedantic(lambda: bench._fast_loop(s, source, 1), rounds=3)

@@ -4,3 +4,20 @@ __version__ = "0.1.0"
 from hello_fast import _extension
 
 _extension.check_present()
+
+# the public API, imported on first use (so `hello-fast --help` does not pay for torch)
+_LAZY = {
+    "Relabeler": "hello_fast.relabel",
+    "Pipeline": "hello_fast.pipeline",
+    "load_config": "hello_fast.config",
+    "load_projector": "hello_fast.projector.artifact",
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hello_fast' has no attribute {name!r}")

@@ -85,7 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="PRESET|FILE", default="digits", help="a preset or YAML file (default: digits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--json", action="store_true", help="print JSON with keys artifact_bytes, sre2l_soft_label_bytes, teacher_bytes")
+    _bench_parser(sub)
     return parser
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: student-loop", description="Benchmarks of the training loop.")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCHMARK")
+    q = bsub.add_parser(
+        "student-loop", help="images/s of the student loop with each label scheme",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Images per second of the student loop with each way of getting labels: fast (this package), "
+                    "fast_teacher, naive (plain PyTorch HeLlO), rded_teacher, stored (SRe2L-style), floor (the student "
+                    "step alone), plus the projector's forward time and the labeling overhead. Writes "
+                    "student_loop_<device>.json with device, torch and date.")
+    q.add_argument("--student", default="resnet18", help="student architecture (default resnet18)")
+    q.add_argument("--projector", default="RN50", help="open_clip model of the projector (random weights: speed only)")
+    q.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    q.add_argument("--res", type=int, default=224, help="training resolution (default 224)")
+    q.add_argument("--steps", type=int, default=20, help="timed steps per loop, median (default 20)")
+    q.add_argument("--classes", type=int, default=1000, help="classes (default 1000)")
+    q.add_argument("--conv-rank", type=int, default=8, help="projector LoRA rank on the convs (default 8)")
+    q.add_argument("--head-rank", type=int, default=128, help="projector LoRA rank on the head (default 128)")
+    q.add_argument("--width", type=int, default=None, help="ResNet-18 base width (small-image variant)")
+    q.add_argument("--capture", action="store_true", help="replay the relabeler's forward as a CUDA graph")
+    q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    q.add_argument("--quick", action="store_true",
+                   help="a CPU-sized run: ResNet-18 width 16 at 32 px, the tiny CLIP, batch 32, 10 classes, 4 steps")
+    q.add_argument("--out", default=None, help="results folder (default benchmarks/results if it exists, else .)")
 
 
 def _load_cfg(args):
@@ -196,6 +223,12 @@ def main(argv=None) -> int:
             return _cmd_inspect(args)
         if args.command == "storage":
             return _cmd_storage(args)
+        if args.command == "bench":
+            if args.bench is None:
+                parser.parse_args(["bench", "--help"])
+            from hello_fast.bench import main_bench
+
+            return main_bench(args)
         return _cmd_stage(args)
     except HelloError as e:
         print(f"hello-fast: error: {_one_line(e)}", file=sys.stderr)

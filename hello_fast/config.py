@@ -95,7 +95,7 @@ class RefineConfig:
 class StudentConfig:
     arch: str = "resnet18"
     width: int | None = None  # ResNet-18 small-image variant only: base width (None: 64)
-    label_sources: list = field(default_factory=lambda: ["hard", "teacher", "projector"])
+    label_sources: list = field(default_factory=lambda: ["hard", "teacher", "projector"])  # also: stored (SRe2L-style)
     artifact: str | None = None  # a label artifact for the projector source (None: the run's projector stage)
     artifact_weights: str | None = None  # CLIP weights file for that artifact's backbone, if not at its recorded source
     epochs: int = 300
@@ -111,6 +111,9 @@ class StudentConfig:
     scale: list = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop scale range
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     eval_batch_size: int = 256
+    loop: str = "fast"  # fast (resident set, fused ops, merged bf16 relabeler) | plain (PyTorch references, fp32)
+    overlap: str = "auto"  # label the next batch on a side stream (GPU): auto measures both ways | on | off
+    capture: bool = False  # replay the relabeler's forward as a CUDA graph per batch shape (GPU)
 
 
 @dataclass
@@ -146,7 +149,9 @@ class Config:
         _check_choice("student.schedule", self.student.schedule, ("cosine", "rded"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for src in self.student.label_sources:
-            _check_choice("student.label_sources", src, ("hard", "teacher", "projector"))
+            _check_choice("student.label_sources", src, ("hard", "teacher", "projector", "stored"))
+        _check_choice("student.loop", self.student.loop, ("fast", "plain"))
+        _check_choice("student.overlap", self.student.overlap, ("auto", "on", "off"))
         if not self.student.label_sources:
             raise HelloError("config: student.label_sources is empty; give at least one of hard, teacher, projector")
         if not self.teachers.keep_epochs or min(self.teachers.keep_epochs) < 1:

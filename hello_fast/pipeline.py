@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 
-from hello_fast._progress import log
+from hello_fast._progress import log, progress
 from hello_fast._util import resolve_device, seed_everything
 from hello_fast.config import Config, save_config
 from hello_fast.errors import HelloError
@@ -67,7 +67,7 @@ class Pipeline:
             return _hash("refine", c.section_hash("refine"), self._current("select"), self._current("projector"))
         if stage == "student":
             parts = ["student", source, self._data_fp(), c.section_hash("student"), self._current(self._distilled_stage())]
-            if source == "teacher":
+            if source in ("teacher", "stored"):
                 parts.append(self._current("teachers"))
             if source == "projector":
                 parts.append(self._artifact_identity() if c.student.artifact else self._current("projector"))
@@ -179,33 +179,44 @@ class Pipeline:
                 continue
             _, val_set = self.data()
             distilled = load_distilled(distilled_dir)
-            labeler = self._label_source(source, len(distilled))
             seed_everything(self.cfg.seed)
             summary = {}
             with self.run.stage(unit, fp, summary) as out:
+                labeler = self._label_source(source, distilled, out)
                 summary.update(st.train_student(self.cfg, distilled, val_set, labeler, self.device, out))
             results[source] = self._timed(unit, summary)
         return results
 
-    def _label_source(self, source: str, num_images: int):
+    def _label_source(self, source: str, distilled, out_dir: str):
+        from hello_fast import labels
         from hello_fast.stages import student as st
         from hello_fast.stages.projector import artifact_path
         from hello_fast.stages.teachers import load_teachers
 
+        sc = self.cfg.student
+        fast = sc.loop == "fast"
         if source == "hard":
-            return st.HardLabels(num_images)
-        if source == "teacher":
+            return labels.HardLabels(len(distilled))
+        if source in ("teacher", "stored"):
             summary = self.run.done("teachers")["summary"]
-            return st.TeacherLabels(load_teachers(self.run, self.device), sum(summary["bytes"].values()))
+            teachers = labels.TeacherLabels(load_teachers(self.run, self.device), sum(summary["bytes"].values()), fast=fast)
+            if source == "teacher":
+                return teachers
+            # SRe2L-style: label the whole schedule once with the teachers, store it, replay it
+            resident = st.resident_set(self.cfg, distilled, self.device)
+            return labels.StoredLabels.write(
+                os.path.join(out_dir, "labels"), resident, teachers, st.schedule_of(self.cfg, len(distilled)),
+                out_size=self.cfg.data.image_size, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
+                alpha=sc.mix_alpha, views=st.views_for(teachers, self.device, fast), progress=progress)
         from hello_fast.projector.artifact import load_projector
 
-        path = self.cfg.student.artifact or artifact_path(self.run)
-        projector, meta = load_projector(path, num_classes=self.data()[0].num_classes, device=self.device,
-                                         clip_pretrained=self.cfg.student.artifact_weights)
+        path = sc.artifact or artifact_path(self.run)
+        projector, meta = load_projector(path, num_classes=self.data()[0].num_classes, device="cpu",
+                                         clip_pretrained=sc.artifact_weights)
         if meta["class_names"] != self.data()[0].class_names:
             log(f"student: note: {path} names its classes {meta['class_names'][:3]}..., the data {self.data()[0].class_names[:3]}...; "
                 "labels follow the artifact's class order")
-        return st.ProjectorLabels(projector, os.path.getsize(path))
+        return labels.ProjectorLabels(projector, meta, os.path.getsize(path), device=self.device, fast=fast, capture=sc.capture)
 
     def report(self, students: dict) -> dict:
         from hello_fast.stages.report import write_report

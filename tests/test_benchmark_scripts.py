@@ -29,3 +29,16 @@ def test_gpu_benchmark_says_when_nothing_was_measured(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0 and "nothing measured" in out.stdout
     assert not list(tmp_path.iterdir())  # no invented figures
+
+
+@pytest.mark.slow
+def test_student_loop_bench_quick(tmp_path):
+    """`hello-fast bench student-loop --quick` runs on a CPU and writes every loop's figures."""
+    out = subprocess.run([sys.executable, "-m", "hello_fast", "bench", "student-loop", "--quick", "--device", "cpu",
+                          "--out", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((tmp_path / "student_loop_cpu_quick.json").read_text())
+    assert {"device", "torch", "date", "loops", "projector_forward_ms", "labeling_overhead"} <= set(doc)
+    assert {"fast", "naive", "rded_teacher", "stored", "floor", "fast_teacher"} <= set(doc["loops"])
+    assert all(v["img_per_s"] > 0 for v in doc["loops"].values())
+    assert doc["projector_forward_ms"] > 0

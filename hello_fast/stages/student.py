@@ -1,77 +1,36 @@
 """Stage 4: train students on the distilled images with labels made online for every augmented batch (Alg. 1 l.12-15).
 
-The distilled set stays resident on the device as uint8. Each step draws crop/flip/mix parameters
-(RandomResizedCrop with the student's scale range, flip, CutMix or Mixup), makes the student's view
-and, when the projector labels, CLIP's view with one `augment_mix` call, asks the label source for
-soft labels on exactly those images, and minimises `soft_label_loss` (MSE + beta CE, the paper, or
-temperature KL + beta CE, the peers). Label sources: `hard` (mixed one-hot CE only), `teacher`
-(the weak teachers' averaged logits, online) and `projector` (the label artifact, online).
+The fast loop (`student.loop: fast`): the distilled set is resident on the device as uint8; each
+step draws crop/flip/mix parameters on the set's generator and one `augment_mix` call writes the
+student's view and, for the projector, CLIP's view; the label source labels exactly those images
+(a merged bf16 Relabeler, the weak teachers, or stored labels replayed); the fused
+`soft_label_loss` (MSE + beta CE, the paper, or temperature KL + beta CE, the peers) trains the
+student, in bf16 autocast and channels-last on a GPU. On a GPU the next batch and its labels can
+be made on a side stream while the student steps (`student.overlap`: auto measures both ways on
+the first steps and keeps the faster).
+
+The plain loop (`student.loop: plain`) draws the same parameters and runs the PyTorch references
+(per-sample interpolate, unmerged fp32 projector, unfused loss) in fp32: the check that the fast
+loop computes the same thing.
 """
 from __future__ import annotations
 
 import math
 import os
+import time
 
 import torch
-import torch.nn.functional as F
 
 from hello_fast._io import write_json
 from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, save_model
 from hello_fast.data.loader import batches
+from hello_fast.data.resident import ResidentSet
 from hello_fast.errors import HelloError
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
-from hello_fast.ops import augment_mix, sample_augment_params, soft_label_loss
+from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 
 STAGE = "student"
-SOURCES = ("hard", "teacher", "projector")
-
-
-class LabelSource:
-    """Soft labels for an augmented batch: `__call__(views) -> logits (B, C)` or None for hard labels."""
-
-    name = "hard"
-    needs_clip_view = False
-    label_bytes = 0
-
-    def __call__(self, student_view, clip_view):
-        return None
-
-
-class HardLabels(LabelSource):
-    def __init__(self, num_images: int):
-        self.label_bytes = num_images * 8  # one int64 class index per distilled image
-
-
-class TeacherLabels(LabelSource):
-    name = "teacher"
-
-    def __init__(self, teachers, label_bytes: int):
-        self.teachers = teachers
-        self.label_bytes = label_bytes
-
-    @torch.no_grad()
-    def __call__(self, student_view, clip_view):
-        from hello_fast.stages.teachers import mean_teacher_logits
-
-        return mean_teacher_logits(self.teachers, student_view)
-
-
-class ProjectorLabels(LabelSource):
-    name = "projector"
-    needs_clip_view = True
-
-    def __init__(self, projector, label_bytes: int):
-        projector.merge()  # labels only: fold LoRA into the weights once
-        self.projector = projector.eval()
-        self.label_bytes = label_bytes
-
-    @torch.no_grad()
-    def __call__(self, student_view, clip_view):
-        size = self.projector.image_size
-        if size and clip_view.shape[-1] != size:
-            clip_view = F.interpolate(clip_view, size=(size, size), mode="bilinear", align_corners=False)
-        return self.projector(clip_view)
 
 
 def _lr_factor(schedule: str, step: int, total: int, epoch: int, epochs: int) -> float:
@@ -80,51 +39,134 @@ def _lr_factor(schedule: str, step: int, total: int, epoch: int, epochs: int) ->
     return 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def train_student(cfg, distilled, val_set, source: LabelSource, device, out_dir: str) -> dict:
-    """Train one student with `source` labels; returns {top1_last, top1_best, label_bytes, history}."""
+def schedule_of(cfg, num_images: int) -> dict:
+    """What stored labels depend on: replay is only valid for exactly this schedule."""
     sc = cfg.student
+    return {"seed": cfg.seed, "epochs": sc.epochs, "batch_size": sc.batch_size, "images": num_images,
+            "out_size": cfg.data.image_size, "scale": list(sc.scale), "flip": cfg.data.flip, "mix": sc.mix,
+            "mix_alpha": sc.mix_alpha}
+
+
+def views_for(source, device, fast: bool):
+    """The views each step needs: the student's (also the teachers'), and CLIP's for the projector."""
+    student_dtype = torch.bfloat16 if (fast and device.type == "cuda") else torch.float32
+    views = [(IMAGENET_MEAN, IMAGENET_STD, student_dtype)]
+    if source.needs_clip_view:
+        views.append((source.mean, source.std, source.dtype))
+    return views
+
+
+def resident_set(cfg, distilled, device) -> ResidentSet:
+    return ResidentSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4)
+
+
+class _Steps:
+    """The batches of one epoch with their labels, made one step ahead (on a side stream when overlapping)."""
+
+    def __init__(self, cfg, resident, source, views, epoch, fast, device, overlap: bool):
+        sc = cfg.student
+        self.cfg, self.resident, self.source, self.views, self.fast = cfg, resident, source, views, fast
+        self.out = cfg.data.image_size
+        self.channels_last = fast and device.type == "cuda"
+        self.backend = None if fast else "torch"
+        if source.replays:
+            self.plan = iter(source.epoch(epoch))
+        else:
+            self.plan = ((index, None, None) for index in resident.epoch_order(sc.batch_size))
+        self.stream = torch.cuda.Stream(device) if (overlap and device.type == "cuda") else None
+        self.ahead = self._make()
+
+    def _make(self):
+        item = next(self.plan, None)
+        if item is None:
+            return None
+        index, params, stored = item
+        sc = self.cfg.student
+        if params is None:
+            params = self.resident.draw(index, out_size=self.out, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
+                                        alpha=sc.mix_alpha)
+        batch = self.resident.make(index, params, out_size=self.out, mix=sc.mix, views=self.views,
+                                   channels_last=self.channels_last, backend=self.backend)
+        batch.stored_logits = stored
+        return batch, self.source(batch)
+
+    def __iter__(self):
+        main = torch.cuda.current_stream() if self.stream is not None else None
+        while self.ahead is not None:
+            current = self.ahead
+            if self.stream is not None:
+                main.wait_stream(self.stream)
+                for t in (*current[0].views, current[0].lam, current[1]):
+                    if t is not None:
+                        t.record_stream(main)
+                self.stream.wait_stream(main)
+                with torch.cuda.stream(self.stream):
+                    self.ahead = self._make()  # the next batch and its labels, while the student steps
+            else:
+                self.ahead = self._make()
+            yield current
+
+
+def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop: str | None = None) -> dict:
+    """Train one student with `source` labels; returns {top1_last, top1_best, label_bytes, history, ...}."""
+    sc = cfg.student
+    loop = loop or sc.loop
+    fast = loop == "fast"
     S = cfg.data.image_size
     torch.manual_seed(cfg.seed)  # every label source starts from the same student
     width = sc.width if sc.arch == "resnet18" else None
     student = build_model(sc.arch, distilled.num_classes, S, width).to(device)
+    use_amp = fast and device.type == "cuda"
+    if use_amp:
+        student = student.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
-    resident = distilled.images.to(device)
-    labels = distilled.labels.to(device)
-    N, _, H, W = resident.shape
-    steps_per_epoch = max(1, -(-N // sc.batch_size))
-    total = sc.epochs * steps_per_epoch
-    views = [(IMAGENET_MEAN, IMAGENET_STD, torch.float32)]
-    if source.needs_clip_view:
-        views.append((tuple(source.projector.mean.flatten().tolist()), tuple(source.projector.std.flatten().tolist()), torch.float32))
-    g = torch.Generator().manual_seed(cfg.seed + 4)
+    resident = resident_set(cfg, distilled, device)
+    if source.replays:
+        source.check_schedule(schedule_of(cfg, len(resident)))
+    total = sc.epochs * resident.steps_per_epoch(sc.batch_size)
+    views = views_for(source, device, fast)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     val = batches(val_set, size=S, batch_size=sc.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
                   eval_resize=cfg.data.eval_resize)
-    history, step = [], 0
     beta = 1.0 if source.name == "hard" else sc.beta
+    loss_fn = soft_label_loss if fast else soft_label_loss_reference
+    overlap_choice = {"on": True, "off": False}.get(sc.overlap)  # None: measure (GPUs only)
+    if device.type != "cuda":
+        overlap_choice = False
+    trial = {True: [], False: []}
+    history, step, seen, train_time = [], 0, 0, 0.0
     bar = progress(range(1, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
     for epoch in bar:
         student.train()
-        perm = torch.randperm(N, generator=g).to(device)
-        for chunk in perm.split(sc.batch_size):
+        overlap = overlap_choice if overlap_choice is not None else (epoch % 2 == 0)
+        epoch_start = time.perf_counter()
+        for batch, target in _Steps(cfg, resident, source, views, epoch, fast, device, overlap):
             for group in opt.param_groups:
                 group["lr"] = sc.lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs)
-            p = sample_augment_params(chunk, H, W, out_size=S, scale=sc.scale, flip_prob=0.5 if cfg.data.flip else 0.0,
-                                      mode=sc.mix, alpha=sc.mix_alpha, generator=g)
-            out, lam = augment_mix(resident, chunk, **p, mode=sc.mix, out_size=S, views=views)
-            x = out[0]
-            target = source(x, out[1] if len(out) > 1 else None)
-            logits = student(x)
-            loss = soft_label_loss(logits, target, labels[chunk], p["partner"], lam, mode=sc.loss,
-                                   temperature=sc.temperature, beta=beta)
-            if not torch.isfinite(loss):
-                raise HelloError(f"student ({source.name}): the loss became {loss.item()} at epoch {epoch}; lower student.lr")
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = student(batch.views[0])
+            kwargs = dict(mode=sc.loss, temperature=sc.temperature, beta=beta)
+            loss = loss_fn(logits.float(), target, batch.hard, batch.partner, batch.lam, **kwargs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
+            seen += batch.hard.numel()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - epoch_start
+        train_time += elapsed
+        if overlap_choice is None and epoch <= 4 and epoch > 2:  # epochs 1-2 warm up; 3-4 time both ways
+            trial[overlap].append(elapsed)
+            if epoch == 4:
+                overlap_choice = min(trial[True]) < min(trial[False])
+                log(f"student ({source.name}): overlapped labeling {'is' if overlap_choice else 'is not'} faster here "
+                    f"({min(trial[True]) * 1e3:.0f} vs {min(trial[False]) * 1e3:.0f} ms/epoch); keeping it {'on' if overlap_choice else 'off'}")
+        if not torch.isfinite(loss):
+            raise HelloError(f"student ({source.name}): the loss became {loss.item()} at epoch {epoch}; lower student.lr")
         if epoch % sc.eval_every == 0 or epoch == sc.epochs:
-            acc = top1(student, val, device, norm)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                acc = top1(student, val, device, norm)
             history.append({"epoch": epoch, "top1": acc, "loss": loss.item()})
             bar.set_postfix(top1=f"{acc:.1f}")
     result = {
@@ -132,10 +174,13 @@ def train_student(cfg, distilled, val_set, source: LabelSource, device, out_dir:
         "top1_best": max(h["top1"] for h in history),
         "label_bytes": int(source.label_bytes),
         "history": history,
+        "loop": loop,
+        "train_img_per_s": round(seen / max(train_time, 1e-9), 1),
     }
     save_model(os.path.join(out_dir, "student.safetensors"), student,
                {"arch": sc.arch, "num_classes": distilled.num_classes, "image_size": S, "width": width,
                 "label_source": source.name, "top1_last": result["top1_last"]})
     write_json(os.path.join(out_dir, "history.json"), history)
-    log(f"student ({source.name}): top-1 last {result['top1_last']:.1f}%, best {result['top1_best']:.1f}%")
+    log(f"student ({source.name}): top-1 last {result['top1_last']:.1f}%, best {result['top1_best']:.1f}% "
+        f"({result['train_img_per_s']:.0f} img/s)")
     return result

@@ -1,0 +1,61 @@
+"""A distilled set resident on the device as uint8, drawing augmented batches with one augment_mix call per step.
+
+The student loop's images never leave the device: each step draws crop/flip/mix parameters
+(sample_augment_params, RandomResizedCrop with the student's scale range, CutMix or Mixup) and one
+augment_mix call writes every view the step needs (the student's normalisation, CLIP's for the
+projector). Parameters are drawn from the set's own generator, so the stream of batches depends
+only on the seed and the schedule, not on what consumes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hello_fast.ops import augment_mix, sample_augment_params
+
+
+@dataclass
+class Batch:
+    """One augmented step: the views, hard labels, mixing partner and own-label weights, and how it was drawn."""
+
+    views: tuple
+    hard: torch.Tensor
+    partner: torch.Tensor
+    lam: torch.Tensor  # lam_eff
+    index: torch.Tensor
+    params: dict
+    stored_logits: torch.Tensor | None = None  # set when stored labels are replayed
+
+
+class ResidentSet:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, seed: int = 0):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("ResidentSet: images must be uint8 (N, 3, H, W)")
+        self.images = images.to(device).contiguous()
+        self.labels = labels.to(device)
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def epoch_order(self, batch_size: int) -> list[torch.Tensor]:
+        """This epoch's batches of image indices (a fresh permutation)."""
+        perm = torch.randperm(len(self), generator=self.generator)
+        return [chunk.to(self.device) for chunk in perm.split(batch_size)]
+
+    def draw(self, index: torch.Tensor, *, out_size: int, scale, flip: bool, mix: str, alpha: float) -> dict:
+        H, W = self.images.shape[-2:]
+        return sample_augment_params(index, H, W, out_size=out_size, scale=scale, flip_prob=0.5 if flip else 0.0,
+                                     mode=mix, alpha=alpha, generator=self.generator)
+
+    def make(self, index, params: dict, *, out_size: int, mix: str, views, channels_last: bool = False,
+             backend=None, check: bool = False) -> Batch:
+        """The batch for given parameters (drawn by `draw`, or replayed from stored labels)."""
+        out, lam = augment_mix(self.images, index, **params, mode=mix, out_size=out_size, views=views,
+                               channels_last=channels_last, check=check, backend=backend)
+        return Batch(out, self.labels[index], params["partner"], lam, index, params)
