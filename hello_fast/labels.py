@@ -108,6 +108,15 @@ class StoredLabels(LabelSource):
         self.label_bytes = sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)
                                if n.endswith(".safetensors"))
 
+    @classmethod
+    def complete(cls, directory: str, schedule: dict) -> bool:
+        """Stored labels for exactly this schedule are already there (a resumed stage reuses them)."""
+        path = os.path.join(directory, cls.INDEX)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            return json.load(f) == schedule
+
     def check_schedule(self, schedule: dict) -> None:
         """Stored labels only fit the exact schedule they were written for."""
         diff = {k: (self.schedule.get(k), v) for k, v in schedule.items() if self.schedule.get(k) != v}

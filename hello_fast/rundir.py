@@ -3,8 +3,8 @@
 A stage works in `RUN/.partial/<stage>/` and, when it finishes, moves that folder to `RUN/<stage>/`
 with a `done.json` holding its fingerprint (a hash of the config sections and upstream results it
 depends on) and its summary. A stage whose `done.json` carries the current fingerprint is
-skipped on a rerun; a stale or missing one is (re)done. Nothing half-written ever sits at a
-stage's final path.
+skipped on a rerun; a stale or missing one is (re)done, resuming from the checkpoint an
+interrupted run left in its partial folder. Nothing half-written ever sits at a stage's final path.
 """
 from __future__ import annotations
 
@@ -44,31 +44,56 @@ class RunDir:
         return d["fingerprint"]
 
     @contextlib.contextmanager
-    def stage(self, stage: str, fingerprint: str, summary: dict):
-        """Work in a fresh partial folder (yielded); on success it becomes RUN/<stage> with done.json.
+    def stage(self, stage: str, fingerprint: str, summary: dict, collective: bool = False):
+        """Work in the stage's partial folder (yielded); on success it becomes RUN/<stage> with done.json.
 
-        The caller fills `summary` (a dict) before the block ends; it is stored in done.json.
+        A partial folder left by an interrupted run with the same fingerprint is kept (the stage
+        resumes from the checkpoint in it); any other is cleared. The caller fills `summary` before
+        the block ends. `collective`: every rank of a data-parallel run enters; rank 0 alone
+        touches the files, the others wait for it at the boundaries.
         """
+        from hello_fast import distributed
+
+        main = distributed.world().main
         partial = self.path(".partial", stage)
-        if os.path.exists(partial):
-            shutil.rmtree(partial)
-        os.makedirs(partial)
+        marker = os.path.join(partial, ".fingerprint")
+        if main:
+            current = False
+            if os.path.isfile(marker):
+                with open(marker) as f:
+                    current = f.read().strip() == fingerprint
+            if not current:
+                if os.path.exists(partial):
+                    shutil.rmtree(partial)
+                os.makedirs(partial)
+                with open(marker, "w") as f:
+                    f.write(fingerprint)
+        if collective:
+            distributed.barrier()
         start = time.time()
         yield partial
-        summary.setdefault("seconds", round(time.time() - start, 1))
-        write_json(os.path.join(partial, "done.json"), {"stage": stage, "fingerprint": fingerprint, "summary": summary})
-        final = self.path(stage)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        if os.path.exists(final):
-            trash = self.path(".partial", stage + ".old")
-            if os.path.exists(trash):
+        if collective:
+            distributed.barrier()
+        if main:
+            summary.setdefault("seconds", round(time.time() - start, 1))
+            for leftover in (marker, os.path.join(partial, "checkpoint.pt")):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+            write_json(os.path.join(partial, "done.json"), {"stage": stage, "fingerprint": fingerprint, "summary": summary})
+            final = self.path(stage)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            if os.path.exists(final):
+                trash = self.path(".partial", stage + ".old")
+                if os.path.exists(trash):
+                    shutil.rmtree(trash)
+                os.replace(final, trash)
+                os.replace(partial, final)
                 shutil.rmtree(trash)
-            os.replace(final, trash)
-            os.replace(partial, final)
-            shutil.rmtree(trash)
-        else:
-            os.replace(partial, final)
-        self._prune(os.path.dirname(partial))
+            else:
+                os.replace(partial, final)
+            self._prune(os.path.dirname(partial))
+        if collective:
+            distributed.barrier()
 
     def _prune(self, directory: str) -> None:
         """Remove empty folders left in .partial by nested stages (student/<source>)."""

@@ -8,13 +8,20 @@ import time
 import pytest
 
 
-@pytest.mark.slow
-def test_distill_on_the_embedded_default(tmp_path):
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The README's first command, run once: (working folder, completed process, seconds)."""
+    cwd = tmp_path_factory.mktemp("digits")
     env = dict(os.environ, HELLO_FAST_PROGRESS="0")
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "hello_fast", "distill", "--device", "cpu"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "hello_fast", "distill", "--device", "cpu"], cwd=cwd,
                          capture_output=True, text=True, env=env)
-    elapsed = time.time() - start
+    return cwd, out, time.time() - start
+
+
+@pytest.mark.slow
+def test_distill_on_the_embedded_default(digits_run):
+    tmp_path, out, elapsed = digits_run
     assert out.returncode == 0, out.stderr[-3000:]
     print(f"hello-fast distill (digits) took {elapsed:.0f} s\n{out.stdout}")
     assert elapsed < 300, f"the default run took {elapsed:.0f} s (budget: 5 minutes)"
@@ -28,3 +35,31 @@ def test_distill_on_the_embedded_default(tmp_path):
     assert s["projector"]["label_bytes"] < s["teacher"]["label_bytes"] / 10
     assert len(list((run / "refine" / "images").rglob("*.png"))) == 100
     assert (run / "report.md").is_file() and (run / "accuracy_vs_storage.png").is_file()
+
+
+@pytest.mark.slow
+def test_killed_digits_run_resumes_to_the_same_accuracy(digits_run, tmp_path):
+    """SIGKILL in the middle of a student's training on the digits preset, rerun: the same top-1 (within 0.5)."""
+    import shutil
+    import signal
+
+    from test_resume import kill_when
+
+    ref_cwd, ref_out, _ = digits_run
+    assert ref_out.returncode == 0
+    ref = ref_cwd / "runs" / "digits"
+    run = tmp_path / "runs" / "digits"
+    shutil.copytree(ref, run)  # every stage done but the teacher- and projector-labelled students
+    for gone in ("student/teacher", "student/projector", "results.json"):
+        target = run / gone
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    cmd = [sys.executable, "-m", "hello_fast", "distill", "--device", "cpu", "--out", str(run)]
+    assert kill_when(cmd, str(run / ".partial" / "student" / "teacher" / "checkpoint.pt"), delay=1.0)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "student (teacher): resuming from the checkpoint after epoch" in again.stderr
+    want = json.loads((ref / "results.json").read_text())["students"]
+    got = json.loads((run / "results.json").read_text())["students"]
+    for source in ("hard", "teacher", "projector"):
+        assert abs(got[source]["top1_last"] - want[source]["top1_last"]) <= 0.5
+        assert abs(got[source]["top1_best"] - want[source]["top1_best"]) <= 0.5

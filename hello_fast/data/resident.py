@@ -49,9 +49,25 @@ class ResidentSet:
         return [chunk.to(self.device) for chunk in perm.split(batch_size)]
 
     def draw(self, index: torch.Tensor, *, out_size: int, scale, flip: bool, mix: str, alpha: float) -> dict:
+        """Parameters of a global batch; under torchrun each rank's share mixes within itself."""
+        from hello_fast import distributed
+
         H, W = self.images.shape[-2:]
+        groups = distributed.share_sizes(index.shape[0]) if distributed.world().distributed else None
         return sample_augment_params(index, H, W, out_size=out_size, scale=scale, flip_prob=0.5 if flip else 0.0,
-                                     mode=mix, alpha=alpha, generator=self.generator)
+                                     mode=mix, alpha=alpha, generator=self.generator, groups=groups)
+
+    @staticmethod
+    def my_share(index: torch.Tensor, params: dict, logits=None):
+        """This rank's rows of a global batch (partners renumbered within the share)."""
+        from hello_fast import distributed
+
+        if not distributed.world().distributed:
+            return index, params, logits
+        s = distributed.share(index.shape[0])
+        mine = {k: v[s] for k, v in params.items()}
+        mine["partner"] = mine["partner"] - s.start
+        return index[s], mine, (None if logits is None else logits[s])
 
     def make(self, index, params: dict, *, out_size: int, mix: str, views, channels_last: bool = False,
              backend=None, check: bool = False) -> Batch:

@@ -112,13 +112,15 @@ def _calibrate_random_tower(visual: torch.nn.Module, seed: int, batches: int = 2
     size = visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     g = torch.Generator().manual_seed(seed)
-    visual.train()
+    # in float64, then rounded once to float32: the statistics (and so the weights' sha256) come out the
+    # same for any thread count or CPU, whose float32 reduction orders differ in the last bits
+    visual.double().train()
     for _ in range(batches):
-        noise = torch.randn(batch_size, 3, max(1, size // 4), max(1, size // 4), generator=g)
+        noise = torch.randn(batch_size, 3, max(1, size // 4), max(1, size // 4), generator=g, dtype=torch.float64)
         visual(torch.nn.functional.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False))
     for m in bns:
         m.momentum = 0.1
-    visual.eval()
+    visual.float().eval()
 
 
 @contextlib.contextmanager

@@ -91,7 +91,9 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def top1(model: nn.Module, batches, device, normalize) -> float:
-    """Top-1 accuracy in percent over (uint8 images, labels) batches."""
+    """Top-1 accuracy in percent over (uint8 images, labels) batches, summed over ranks when they are sharded."""
+    from hello_fast import distributed
+
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -101,4 +103,5 @@ def top1(model: nn.Module, batches, device, normalize) -> float:
         correct += int((pred == labels).sum())
         total += labels.numel()
     model.train(was_training)
+    correct, total = distributed.sum_over_ranks([correct, total], device)
     return 100.0 * correct / max(total, 1)

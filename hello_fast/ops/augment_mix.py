@@ -159,7 +159,7 @@ def _beta(alpha: float, n: int, g: torch.Generator) -> np.ndarray:
 
 def sample_augment_params(index, height: int, width: int, *, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                           flip_prob: float = 0.5, mode: str = "cutmix", alpha: float = 1.0, per_sample: bool = False,
-                          generator: torch.Generator | None = None):
+                          generator: torch.Generator | None = None, groups: list[int] | None = None):
     """Draw crop, flip, partner, lam and cut for a batch of images of size height x width.
 
     Crops follow torchvision's RandomResizedCrop (10 tries, then the centre-crop fallback);
@@ -167,6 +167,8 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
     peers' practice) or per sample; a CutMix box has sides sqrt(1 - lam) * out_size around a
     uniform centre, clipped to the image (lam is corrected to the clipped area by augment_mix).
     Everything is drawn from `generator` (a CPU generator) and placed on `index.device`.
+    `groups`: sizes of consecutive row groups that mix only among themselves (data-parallel ranks'
+    shares of a global batch); None is one group, drawn exactly as before.
     Returns a dict with crop, flip, partner, lam, cut.
     """
     if mode not in MODES:
@@ -198,7 +200,13 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
     left = torch.where(first >= 0, (u[:, 1] * (width - ww + 1)).long().clamp(max=width - ww), (width - ww) // 2)
     crop = torch.stack([top, left, hh, ww], 1)
     flip = torch.rand(B, generator=g) < flip_prob
-    partner = torch.randperm(B, generator=g)
+    if groups is None or len(groups) <= 1:
+        partner = torch.randperm(B, generator=g)
+    else:
+        if sum(groups) != B:
+            raise ValueError(f"sample_augment_params: groups {groups} do not add up to the batch of {B}")
+        offsets = [sum(groups[:k]) for k in range(len(groups))]
+        partner = torch.cat([torch.randperm(n, generator=g) + o for n, o in zip(groups, offsets)])
     if mode == "none":
         lam = torch.ones(B)
     else:
