@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", help="an ImageNet-style folder (train/<class>/*, val/<class>/*): overrides the config's data")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory (default: runs/<config name>)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to compute (default: the config's, auto)")
+    g.add_argument("--loader", choices=("auto", "dali", "torch"),
+                   help="how passes over an image folder decode and augment: dali (NVIDIA DALI, on the GPU when "
+                        "computing there, else its CPU pipeline), torch (torchvision in DataLoader workers), auto "
+                        "(default: dali when installed and the data are files)")
     g.add_argument("--seed", type=int, help="the random seed (same seed, same result)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set student.epochs=50 (repeatable)")
@@ -67,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
         _common(p)
         if name in ("distill", "student"):
+            p.add_argument("--augment", choices=("fused", "dali"),
+                           help="how the student loop augments the distilled set: fused (resident uint8 set and "
+                                "the augment_mix kernel, default) or dali (a DALI pipeline, CutMix/Mixup after)")
             g = p.add_argument_group("labels from another artifact")
             g.add_argument("--artifact", metavar="FILE", help="label the projector students with this label artifact "
                            "instead of the run's own (its class count must match the data)")
@@ -125,18 +132,15 @@ def _load_cfg(args):
     if args.data:
         cfg.data.source = "folder"
         cfg.data.root = args.data
+    if getattr(args, "loader", None):
+        cfg.data.loader = args.loader
+    if getattr(args, "augment", None):
+        cfg.student.augment = args.augment
     if getattr(args, "artifact", None):
         cfg.student.artifact = os.path.abspath(args.artifact)
     if getattr(args, "artifact_weights", None):
         cfg.student.artifact_weights = os.path.abspath(args.artifact_weights)
     return cfg
-
-
-def _print_results(results: dict) -> None:
-    from hello_fast.stages.report import results_table
-
-    print(results_table(results))
-    print(f"\nresults: {results.get('results_path', '')}".rstrip())
 
 
 def _cmd_stage(args) -> int:
@@ -152,11 +156,15 @@ def _cmd_stage(args) -> int:
         results = pipe.distill()
     else:
         results = pipe.run_stage(args.command)
-    if args.command in ("distill", "student"):
+    if args.command in ("distill", "student") and pipe.world.main:
         from hello_fast.stages.report import results_table
 
         print(results_table(results))
         print(f"\nrun directory: {pipe.run.root} (results.json, report.md, accuracy_vs_storage.png)")
+    if pipe.world.distributed:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -28,7 +29,8 @@ class DataConfig:
     val_fraction: float = 0.2  # digits/procedural: share held out for validation (stratified)
     train_scale: list = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale of training passes
     flip: bool = True  # random horizontal flips in training passes (teachers, projector, students)
-    num_workers: int = 0  # DataLoader workers for folder sources
+    num_workers: int = 0  # DataLoader workers (torch loader) or DALI threads (0: up to 4) for folder sources
+    loader: str = "auto"  # folder passes: dali (NVIDIA DALI; GPU decode on a GPU) | torch (torchvision) | auto (dali when installed)
     on_bad_image: str = "skip"  # skip (warn, naming the file) | error
     num_classes: int | None = None  # expected class count (checked against the data; used by `storage`)
     procedural_classes: int = 4
@@ -113,6 +115,7 @@ class StudentConfig:
     eval_batch_size: int = 256
     loop: str = "fast"  # fast (resident set, fused ops, merged bf16 relabeler) | plain (PyTorch references, fp32)
     overlap: str = "auto"  # label the next batch on a side stream (GPU): auto measures both ways | on | off
+    augment: str = "fused"  # fused (resident uint8 set + augment_mix kernel) | dali (a DALI pipeline; CutMix/Mixup after)
     capture: bool = False  # replay the relabeler's forward as a CUDA graph per batch shape (GPU)
 
 
@@ -121,6 +124,7 @@ class Config:
     name: str = "digits"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 1  # epochs between resume checkpoints of the training stages (0: none)
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
@@ -142,6 +146,8 @@ class Config:
     def validate(self) -> "Config":
         _check_choice("data.source", self.data.source, ("digits", "folder", "procedural"))
         _check_choice("data.on_bad_image", self.data.on_bad_image, ("skip", "error"))
+        _check_choice("data.loader", self.data.loader, ("auto", "dali", "torch"))
+        _check_choice("student.augment", self.student.augment, ("fused", "dali"))
         _check_choice("select.method", self.select.method, ("rded", "random"))
         _check_choice("select.observer", self.select.observer, ("teacher", "projector"))
         _check_choice("student.loss", self.student.loss, ("mse", "kl"))
@@ -163,9 +169,22 @@ class Config:
             "projector.head_rank": self.projector.head_rank, "student.batch_size": self.student.batch_size,
             "student.epochs": self.student.epochs, "refine.downsample": self.refine.downsample,
         }
+        if self.checkpoint_every < 0:
+            raise HelloError(f"config: checkpoint_every must be >= 0 (0: no checkpoints), got {self.checkpoint_every}")
         for key, value in positive.items():
             if value < 1:
                 raise HelloError(f"config: {key} must be >= 1, got {value}")
+        rates = {"teachers.lr": self.teachers.lr, "projector.lr": self.projector.lr, "student.lr": self.student.lr,
+                 "refine.lr": self.refine.lr, "student.temperature": self.student.temperature,
+                 "student.mix_alpha": self.student.mix_alpha}
+        for key, value in rates.items():
+            if not (value > 0 and value != float("inf")):
+                raise HelloError(f"config: {key} must be a positive number, got {value}")
+        for key, value in {"student.beta": self.student.beta, "projector.lambda_ce": self.projector.lambda_ce,
+                           "teachers.weight_decay": self.teachers.weight_decay, "student.weight_decay": self.student.weight_decay,
+                           "projector.weight_decay": self.projector.weight_decay, "teachers.momentum": self.teachers.momentum}.items():
+            if not 0 <= value < float("inf"):
+                raise HelloError(f"config: {key} must be >= 0 and finite, got {value}")
         for key, rng in (("student.scale", self.student.scale), ("data.train_scale", self.data.train_scale),
                          ("select.crop_scale", self.select.crop_scale)):
             if len(rng) != 2 or not 0 < rng[0] <= rng[1] <= 1:
@@ -198,6 +217,8 @@ def _read_yaml(text: str, origin: str) -> dict:
 
 
 def _preset_dict(name: str) -> dict:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or name not in preset_names():
+        raise HelloError(f"unknown config preset {name!r}; presets: {', '.join(preset_names())} (or give a YAML file path)")
     path = resources.files("hello_fast").joinpath("presets", f"{name}.yaml")
     if not path.is_file():
         raise HelloError(f"unknown config preset {name!r}; presets: {', '.join(preset_names())} (or give a YAML file path)")
@@ -208,18 +229,26 @@ def _raw_config(spec: str, _seen: tuple = ()) -> dict:
     """The merged dict of a preset name or YAML path, following `base:` chains."""
     if spec in _seen:
         raise HelloError(f"config: 'base' chain loops through {spec!r}")
+    if not isinstance(spec, str) or not spec:
+        raise HelloError(f"config: 'base' must be a preset name or a YAML file path, got {spec!r}")
     if spec.endswith((".yaml", ".yml")) or os.sep in spec:
         if not os.path.isfile(spec):
             raise HelloError(f"config file {spec!r} does not exist")
-        with open(spec) as f:
-            data = _read_yaml(f.read(), spec)
+        try:
+            with open(spec, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HelloError(f"config file {spec!r} is not readable ({type(e).__name__})") from None
+        data = _read_yaml(text, spec)
         data.setdefault("name", os.path.splitext(os.path.basename(spec))[0])
     else:
         data = _preset_dict(spec)
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_raw_config(str(base), _seen + (spec,)), data)
+    if not isinstance(base, str):
+        raise HelloError(f"config {spec}: 'base' must be a preset name or a YAML file path, got {base!r}")
+    return _merge(_raw_config(base, _seen + (spec,)), data)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -261,6 +290,23 @@ def _coerce(key: str, value, annotation):
     raise HelloError(f"config: {key} must be {base}, got {value!r}")
 
 
+# element types of list-valued keys
+_LIST_ELEMENTS = {
+    "teachers.keep_epochs": (int,), "student.scale": (int, float), "data.train_scale": (int, float),
+    "select.crop_scale": (int, float), "student.label_sources": (str,), "clip.class_names": (str,),
+}
+
+
+def _check_elements(key: str, value) -> None:
+    kinds = _LIST_ELEMENTS.get(key)
+    if kinds is None or value is None:
+        return
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise HelloError(f"config: {key} must list {names} values, got {v!r}")
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise HelloError(f"config: {prefix.rstrip('.') or 'the top level'} must be a mapping, got {data!r}")
@@ -278,6 +324,7 @@ def _build(cls, data: dict, prefix: str):
             kwargs[name] = _build(section, value or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(prefix + name, value, f.type)
+            _check_elements(prefix + name, kwargs[name])
     return cls(**kwargs)
 
 

@@ -12,8 +12,9 @@ import hashlib
 import os
 import time
 
+from hello_fast import distributed
 from hello_fast._progress import log, progress
-from hello_fast._util import resolve_device, seed_everything
+from hello_fast._util import seed_everything
 from hello_fast.config import Config, save_config
 from hello_fast.errors import HelloError
 from hello_fast.rundir import RunDir
@@ -29,15 +30,26 @@ class Pipeline:
     def __init__(self, cfg: Config, out: str, device: str | None = None, force: bool = False):
         self.cfg = cfg
         self.run = RunDir(out)
-        self.device = resolve_device(device or cfg.device)
+        # under torchrun: this rank's device, and the process group (a plain run is world size 1)
+        self.world, self.device = distributed.setup(device or cfg.device)
         self.force = force
         self._data = None
         self._auto = False  # True while distill() runs: missing inputs are made, not reported
 
     def _record_config(self) -> None:
         """Write the run's config.yaml once a stage is about to run on validated inputs."""
-        os.makedirs(self.run.root, exist_ok=True)
-        save_config(self.cfg, self.run.path("config.yaml"))
+        if self.world.main:
+            os.makedirs(self.run.root, exist_ok=True)
+            save_config(self.cfg, self.run.path("config.yaml"))
+
+    def _on_main(self, stage: str, work):
+        """A stage that one process does (selection, refinement): rank 0 works, the others wait for its result."""
+        result = work() if self.world.main else None
+        distributed.barrier()
+        if not self.world.main:
+            done = self.run.done(stage)
+            result = done["summary"] if done else None
+        return result
 
     # -- inputs -------------------------------------------------------------------------------
     def data(self):
@@ -46,7 +58,11 @@ class Pipeline:
 
             self._data = load_splits(self.cfg.data, self.cfg.clip.class_names)
             train, val = self._data
-            log(f"data: {len(train)} train / {len(val)} val images, {train.num_classes} classes ({self.cfg.data.source})")
+            from hello_fast.data.loader import resolve_loader
+
+            loader = resolve_loader(self.cfg.data.loader, train)
+            where = f"; loader: {loader}" + (" (GPU)" if loader == "dali" and self.device.type == "cuda" else "")
+            log(f"data: {len(train)} train / {len(val)} val images, {train.num_classes} classes ({self.cfg.data.source}{where})")
         return self._data
 
     def _data_fp(self) -> str:
@@ -138,16 +154,20 @@ class Pipeline:
         if done is not None:
             return done
         seed_everything(self.cfg.seed)
-        observer = None
-        if self.cfg.select.method == "rded":
-            if self.cfg.select.observer == "teacher":
-                observer = sel.teacher_observer(observer_path(self.run), self.device, self.cfg.data.image_size)
-            else:
-                from hello_fast.projector.artifact import load_projector
 
-                projector, _ = load_projector(artifact_path(self.run), device=self.device)
-                observer = sel.projector_observer(projector, self.cfg.data.image_size)
-        return self._timed("select", sel.select_images(self.cfg, self.data(), self.run, self.device, fp, observer))
+        def work():
+            observer = None
+            if self.cfg.select.method == "rded":
+                if self.cfg.select.observer == "teacher":
+                    observer = sel.teacher_observer(observer_path(self.run), self.device, self.cfg.data.image_size)
+                else:
+                    from hello_fast.projector.artifact import load_projector
+
+                    projector, _ = load_projector(artifact_path(self.run), device=self.device)
+                    observer = sel.projector_observer(projector, self.cfg.data.image_size)
+            return self._timed("select", sel.select_images(self.cfg, self.data(), self.run, self.device, fp, observer))
+
+        return self._on_main("select", work)
 
     def refine(self) -> dict | None:
         from hello_fast.stages.projector import artifact_path
@@ -161,7 +181,8 @@ class Pipeline:
         if done is not None:
             return done
         seed_everything(self.cfg.seed)
-        return self._timed("refine", refine_images(self.cfg, self.run, self.device, fp, self.run.path("select"), artifact_path(self.run)))
+        return self._on_main("refine", lambda: self._timed(
+            "refine", refine_images(self.cfg, self.run, self.device, fp, self.run.path("select"), artifact_path(self.run))))
 
     def student(self) -> dict:
         """Train one student per label source (each its own resumable unit); returns results."""
@@ -181,7 +202,7 @@ class Pipeline:
             distilled = load_distilled(distilled_dir)
             seed_everything(self.cfg.seed)
             summary = {}
-            with self.run.stage(unit, fp, summary) as out:
+            with self.run.stage(unit, fp, summary, collective=True) as out:
                 labeler = self._label_source(source, distilled, out)
                 summary.update(st.train_student(self.cfg, distilled, val_set, labeler, self.device, out))
             results[source] = self._timed(unit, summary)
@@ -203,11 +224,15 @@ class Pipeline:
             if source == "teacher":
                 return teachers
             # SRe2L-style: label the whole schedule once with the teachers, store it, replay it
-            resident = st.resident_set(self.cfg, distilled, self.device)
-            return labels.StoredLabels.write(
-                os.path.join(out_dir, "labels"), resident, teachers, st.schedule_of(self.cfg, len(distilled)),
-                out_size=self.cfg.data.image_size, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
-                alpha=sc.mix_alpha, views=st.views_for(teachers, self.device, fast), progress=progress)
+            folder = os.path.join(out_dir, "labels")
+            schedule = st.schedule_of(self.cfg, len(distilled))
+            if distributed.world().main and not labels.StoredLabels.complete(folder, schedule):
+                resident = st.resident_set(self.cfg, distilled, self.device)
+                labels.StoredLabels.write(folder, resident, teachers, schedule, out_size=self.cfg.data.image_size,
+                                          scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix, alpha=sc.mix_alpha,
+                                          views=st.views_for(teachers, self.device, fast), progress=progress)
+            distributed.barrier()
+            return labels.StoredLabels(folder, self.device)
         from hello_fast.projector.artifact import load_projector
 
         path = sc.artifact or artifact_path(self.run)
@@ -236,8 +261,9 @@ class Pipeline:
             "stages": stages,
             "distilled_dir": self.run.path(self._distilled_stage()),
         }
-        self._record_config()
-        write_report(self.run, results)
+        if self.world.main:
+            self._record_config()
+            write_report(self.run, results)
         return results
 
     def run_stage(self, stage: str):

@@ -20,6 +20,20 @@ def test_cpu_benchmarks_write_results(tmp_path, script, result):
     assert doc["rows"] and all(r.get("cpp_speedup", 0) > 0 for r in doc["rows"])
 
 
+@pytest.mark.slow
+def test_loader_benchmark_writes_results(tmp_path):
+    """bench_loader.py --quick: a generated JPEG folder through both loaders, and both student-loop batch sources."""
+    pytest.importorskip("nvidia.dali")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_loader.py"), "--quick", "--images", "40",
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((tmp_path / "loader_cpu_quick.json").read_text())
+    folder, student = doc["rows"]
+    assert folder["images"] == 40 and folder["torch_img_per_s"] > 0 and folder["dali_img_per_s"] > 0
+    assert folder["dali_speedup"] == round(folder["dali_img_per_s"] / folder["torch_img_per_s"], 2)
+    assert student["resident_fused_img_per_s"] > 0 and student["dali_img_per_s"] > 0
+
+
 def test_gpu_benchmark_says_when_nothing_was_measured(tmp_path):
     import torch
 

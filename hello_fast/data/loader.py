@@ -104,18 +104,59 @@ class Batches:
                 yield batch
 
 
+def resolve_loader(loader: str, images: ImageSet) -> str:
+    """`dali` or `torch` for a pass over `images` (`auto`: DALI when installed and the images are files it reads)."""
+    from hello_fast.data import dali
+    from hello_fast.data.sources import FileImageSet
+    from hello_fast.errors import HelloError
+
+    files = isinstance(images, FileImageSet)
+    if loader == "torch":
+        return "torch"
+    if loader == "dali":
+        if not files:
+            raise HelloError("the dali loader reads image files (an ImageNet-style folder: --data DIR); "
+                             "this data set is held in memory: use --loader torch")
+        return "dali"
+    if loader != "auto":
+        raise HelloError(f"loader must be auto, dali or torch; got {loader!r}")
+    return "dali" if files and dali.available() and not dali.unsupported_files(images.files) else "torch"
+
+
 def batches(images: ImageSet, *, size: int, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
             scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, shuffle: bool | None = None,
-            indices=None, num_workers: int = 0, eval_resize: int | None = None, drop_last: bool = False) -> Batches:
-    """Batches of `images` (all, or `indices` in that order, shuffled per (seed, epoch) when `shuffle`)."""
+            indices=None, num_workers: int = 0, eval_resize: int | None = None, drop_last: bool = False,
+            sharded: bool = False, loader: str = "torch", device=None):
+    """Batches of `images` (all, or `indices` in that order, shuffled per (seed, epoch) when `shuffle`).
+
+    `sharded`: under torchrun, this rank's share (torch: a contiguous share of every global batch
+    of `batch_size`, the same order and augmentation on every rank, so that together the ranks see
+    exactly the batches a single process would; DALI: the reader's shard of the epoch).
+    `loader`: torch (torchvision in DataLoader workers), dali (hello_fast.data.dali, on `device`)
+    or auto. Both take the images in the same order and yield the same kind of batch.
+    """
+    from hello_fast import distributed
+
     shuffle = train if shuffle is None else shuffle
     order = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if shuffle:
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
         order = order[torch.randperm(len(order), generator=g)]
+    if resolve_loader(loader, images) == "dali":
+        from hello_fast.data.dali import folder_batches
+
+        return folder_batches(images, order, size=size, batch_size=batch_size, train=train,
+                              seed=sample_seed(seed, epoch, -2), scale=scale, ratio=ratio, flip=flip,
+                              drop_last=drop_last, eval_resize=eval_resize, device=device,
+                              num_workers=num_workers, sharded=sharded)
     view = _View(images, size, train, scale, ratio, flip, seed, epoch, eval_resize)
-    loader = DataLoader(
-        view, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers, collate_fn=_collate,
-        drop_last=drop_last, persistent_workers=False, pin_memory=False,
-    )
+    common = dict(num_workers=num_workers, collate_fn=_collate, persistent_workers=False, pin_memory=False)
+    if sharded and distributed.world().distributed:
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if drop_last and chunks and len(chunks[-1]) < batch_size:
+            chunks = chunks[:-1]
+        plan = [c[distributed.share(len(c))].tolist() for c in chunks]
+        loader = DataLoader(view, batch_sampler=[p for p in plan if p], **common)
+    else:
+        loader = DataLoader(view, batch_size=batch_size, sampler=order.tolist(), drop_last=drop_last, **common)
     return Batches(loader)

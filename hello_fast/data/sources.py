@@ -68,26 +68,45 @@ class TensorImageSet(ImageSet):
 
 
 class FileImageSet(ImageSet):
-    """Images decoded from files on access (PIL). Unreadable files are skipped with a warning, or stop."""
+    """Images decoded from files on access (PIL). Unreadable files are skipped with a warning, or stop.
+
+    `bad` holds the indices found unreadable so far (by PIL or by DALI); each is reported once.
+    """
 
     def __init__(self, files: list[str], labels: list[int], class_names: list[str], on_bad_image: str = "skip"):
         self.files = list(files)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.class_names = list(class_names)
         self.on_bad_image = on_bad_image
+        self.bad: set[int] = set()
 
-    def load(self, i):
+    def report_bad(self, i: int, reason: str) -> None:
+        """Image i cannot be read: stop (on_bad_image: error) or warn once, naming the file, and remember it."""
+        if self.on_bad_image == "error":
+            raise HelloError(f"unreadable image {self.files[i]}: {reason} (data.on_bad_image: skip to skip such files)")
+        if i not in self.bad:
+            self.bad.add(i)
+            warnings.warn(f"skipping unreadable image {self.files[i]} ({reason})", RuntimeWarning, stacklevel=3)
+
+    def _decode(self, i: int):
         from PIL import Image
 
-        path = self.files[i]
+        with Image.open(self.files[i]) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+    def decode_error(self, i: int) -> str | None:
+        """Why image i does not decode, or None if it does."""
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                arr = np.asarray(im, dtype=np.uint8).copy()
+            self._decode(i)
         except Exception as e:  # PIL raises many types for truncated or foreign files
-            if self.on_bad_image == "error":
-                raise HelloError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
-            warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def load(self, i):
+        try:
+            arr = self._decode(i)
+        except Exception as e:  # PIL raises many types for truncated or foreign files
+            self.report_bad(i, f"{type(e).__name__}: {e}")
             return None
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 

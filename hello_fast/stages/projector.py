@@ -12,10 +12,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hello_fast import distributed
 from hello_fast._progress import log, progress
+from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast._util import Normalize
 from hello_fast.data.loader import batches
-from hello_fast.errors import HelloError
 from hello_fast.models.clip import load_clip, template_strings
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.projector.artifact import artifact_metadata, save_artifact
@@ -32,13 +33,18 @@ def artifact_path(run) -> str:
 
 @torch.no_grad()
 def projector_top1(projector, val_set, cfg, device) -> float:
+    """Val top-1 of the projector in percent (each rank its share, summed)."""
+    from hello_fast import distributed
+
     projector.eval()
     correct = total = 0
-    for images, labels, _ in batches(val_set, size=cfg.data.image_size, batch_size=256, train=False,
-                                     num_workers=cfg.data.num_workers, eval_resize=cfg.data.eval_resize):
+    for images, labels, _ in batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
+                                     num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
+                                     eval_resize=cfg.data.eval_resize):
         pred = projector(projector.normalize(images.to(device))).argmax(1).cpu()
         correct += int((pred == labels).sum())
         total += labels.numel()
+    correct, total = distributed.sum_over_ranks([correct, total], device)
     return 100.0 * correct / max(total, 1)
 
 
@@ -56,37 +62,51 @@ def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
     teachers = load_teachers(run, device)
     teacher_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     params = projector.lora_parameters()
+    net = distributed.data_parallel(projector, device, frozen_backbone=True)  # only the LoRA tensors train: their gradients are averaged
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
     steps_per_epoch = max(1, -(-len(train_set) // pc.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=pc.epochs * steps_per_epoch)
-    zero_shot = projector_top1(projector, val_set, cfg, device)
-    log(f"projector: zero-shot val top-1 {zero_shot:.1f}%")
-    summary = {"zero_shot_top1": zero_shot, "top1": {}}
-    with run.stage(STAGE, fingerprint, summary) as out:
-        for epoch in progress(range(1, pc.epochs + 1), desc="projector", unit="epoch"):
+    summary = {"top1": {}}
+    with run.stage(STAGE, fingerprint, summary, collective=True) as out:
+        ckpt = StageCheckpoint(out, "projector", cfg.checkpoint_every)
+        first = 1
+        state = ckpt.load()
+        if state is not None:
+            projector.load_lora_state_dict(state["lora"])
+            first = ckpt.resume(state, opt, sched, summary)
+        else:
+            summary["zero_shot_top1"] = projector_top1(projector, val_set, cfg, device)
+            log(f"projector: zero-shot val top-1 {summary['zero_shot_top1']:.1f}%")
+        guard = FiniteGuard()
+        for epoch in progress(range(first, pc.epochs + 1), desc="projector", unit="epoch"):
             projector.train()
             bar = progress(batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True,
                                    seed=cfg.seed + 1, epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip,
-                                   num_workers=cfg.data.num_workers),
+                                   num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
+                                   sharded=True),
                            desc=f"epoch {epoch}", unit="batch", disable_below=20)
             for images, labels, _ in bar:
                 images, labels = images.to(device), labels.to(device)
                 target = mean_teacher_logits(teachers, teacher_norm(images))
-                logits = projector(projector.normalize(images))
+                logits = net(projector.normalize(images))
                 loss = F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
-                if not torch.isfinite(loss):
-                    raise HelloError(f"projector: the loss became {loss.item()} at epoch {epoch}; lower projector.lr")
+                loss = loss * distributed.loss_weight(labels.numel(), device)
+                guard.add(loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
+            guard.check("projector", epoch, "projector.lr", out)
             acc = projector_top1(projector, val_set, cfg, device)
             summary["top1"][str(epoch)] = acc
             log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {loss.item():.4f})")
+            ckpt.save({"lora": projector.lora_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "summary": summary}, epoch, pc.epochs)
         meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
                                  head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha)
-        nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)
-        summary["artifact_bytes"] = nbytes
         summary["lora_parameters"] = sum(p.numel() for p in params)
-        log(f"projector: label artifact {nbytes:,} bytes ({summary['lora_parameters']:,} LoRA parameters)")
+        if distributed.world().main:
+            nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)
+            summary["artifact_bytes"] = nbytes
+            log(f"projector: label artifact {nbytes:,} bytes ({summary['lora_parameters']:,} LoRA parameters)")
     return summary

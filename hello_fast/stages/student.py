@@ -26,7 +26,6 @@ from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, save_model
 from hello_fast.data.loader import batches
 from hello_fast.data.resident import ResidentSet
-from hello_fast.errors import HelloError
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 
@@ -41,10 +40,12 @@ def _lr_factor(schedule: str, step: int, total: int, epoch: int, epochs: int) ->
 
 def schedule_of(cfg, num_images: int) -> dict:
     """What stored labels depend on: replay is only valid for exactly this schedule."""
+    from hello_fast import distributed
+
     sc = cfg.student
     return {"seed": cfg.seed, "epochs": sc.epochs, "batch_size": sc.batch_size, "images": num_images,
             "out_size": cfg.data.image_size, "scale": list(sc.scale), "flip": cfg.data.flip, "mix": sc.mix,
-            "mix_alpha": sc.mix_alpha}
+            "mix_alpha": sc.mix_alpha, "ranks": distributed.world().size}
 
 
 def views_for(source, device, fast: bool):
@@ -58,6 +59,23 @@ def views_for(source, device, fast: bool):
 
 def resident_set(cfg, distilled, device) -> ResidentSet:
     return ResidentSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4)
+
+
+def training_set(cfg, distilled, device, source, views):
+    """Where the loop's augmented batches come from: the resident set and augment_mix, or a DALI pipeline."""
+    sc = cfg.student
+    if sc.augment != "dali":
+        return resident_set(cfg, distilled, device)
+    if source.replays:
+        log(f"student ({source.name}): stored labels replay exact crops; using the resident set, not DALI")
+        return resident_set(cfg, distilled, device)
+    from hello_fast import distributed
+    from hello_fast.data.dali import DaliDistilledSet
+
+    threads = cfg.data.num_workers if cfg.data.num_workers > 0 else min(4, os.cpu_count() or 1)
+    return DaliDistilledSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4,
+                            batch_size=max(distributed.share_sizes(sc.batch_size)), out_size=cfg.data.image_size,
+                            scale=sc.scale, flip=cfg.data.flip, views=views, num_threads=threads)
 
 
 class _Steps:
@@ -85,6 +103,7 @@ class _Steps:
         if params is None:
             params = self.resident.draw(index, out_size=self.out, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
                                         alpha=sc.mix_alpha)
+        index, params, stored = self.resident.my_share(index, params, stored)
         batch = self.resident.make(index, params, out_size=self.out, mix=sc.mix, views=self.views,
                                    channels_last=self.channels_last, backend=self.backend)
         batch.stored_logits = stored
@@ -108,45 +127,69 @@ class _Steps:
 
 
 def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop: str | None = None) -> dict:
-    """Train one student with `source` labels; returns {top1_last, top1_best, label_bytes, history, ...}."""
+    """Train one student with `source` labels; returns {top1_last, top1_best, label_bytes, history, ...}.
+
+    Data-parallel under torchrun (each rank its share of every global batch); resumes from the last
+    epoch checkpoint in `out_dir` when an interrupted run left one.
+    """
+    from hello_fast import distributed
+    from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
+
     sc = cfg.student
     loop = loop or sc.loop
     fast = loop == "fast"
     S = cfg.data.image_size
+    main = distributed.world().main
     torch.manual_seed(cfg.seed)  # every label source starts from the same student
     width = sc.width if sc.arch == "resnet18" else None
     student = build_model(sc.arch, distilled.num_classes, S, width).to(device)
     use_amp = fast and device.type == "cuda"
     if use_amp:
         student = student.to(memory_format=torch.channels_last)
+    net = distributed.data_parallel(student, device)
+    student = distributed.unwrap(net)
     opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
-    resident = resident_set(cfg, distilled, device)
+    views = views_for(source, device, fast)
+    resident = training_set(cfg, distilled, device, source, views)
     if source.replays:
         source.check_schedule(schedule_of(cfg, len(resident)))
     total = sc.epochs * resident.steps_per_epoch(sc.batch_size)
-    views = views_for(source, device, fast)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     val = batches(val_set, size=S, batch_size=sc.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
-                  eval_resize=cfg.data.eval_resize)
+                  loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize, sharded=True)
     beta = 1.0 if source.name == "hard" else sc.beta
     loss_fn = soft_label_loss if fast else soft_label_loss_reference
     overlap_choice = {"on": True, "off": False}.get(sc.overlap)  # None: measure (GPUs only)
     if device.type != "cuda":
         overlap_choice = False
     trial = {True: [], False: []}
-    history, step, seen, train_time = [], 0, 0, 0.0
-    bar = progress(range(1, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
+    history, step, seen, train_time, first = [], 0, 0, 0.0, 1
+    ckpt = StageCheckpoint(out_dir, f"student ({source.name})", cfg.checkpoint_every)
+    state = ckpt.load()
+    if state is not None:
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, step, seen, train_time = state["history"], state["step"], state["seen"], state["train_time"]
+        overlap_choice = state["overlap"] if state["overlap"] >= 0 else overlap_choice
+        resident.generator.set_state(state["resident_generator"])
+        set_rng_state(state["rng"])
+        first = state["epoch"] + 1
+    guard = FiniteGuard()
+    bar = progress(range(first, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
     for epoch in bar:
-        student.train()
+        net.train()
         overlap = overlap_choice if overlap_choice is not None else (epoch % 2 == 0)
         epoch_start = time.perf_counter()
         for batch, target in _Steps(cfg, resident, source, views, epoch, fast, device, overlap):
             for group in opt.param_groups:
                 group["lr"] = sc.lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = student(batch.views[0])
+                logits = net(batch.views[0])
             kwargs = dict(mode=sc.loss, temperature=sc.temperature, beta=beta)
             loss = loss_fn(logits.float(), target, batch.hard, batch.partner, batch.lam, **kwargs)
+            if distributed.world().distributed:
+                loss = loss * distributed.loss_weight(batch.hard.numel(), device)
+            guard.add(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -156,19 +199,22 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - epoch_start
         train_time += elapsed
-        if overlap_choice is None and epoch <= 4 and epoch > 2:  # epochs 1-2 warm up; 3-4 time both ways
+        guard.check(f"student ({source.name})", epoch, "student.lr", out_dir)
+        if overlap_choice is None and 2 < epoch <= 4:  # epochs 1-2 warm up; 3-4 time both ways
             trial[overlap].append(elapsed)
             if epoch == 4:
                 overlap_choice = min(trial[True]) < min(trial[False])
                 log(f"student ({source.name}): overlapped labeling {'is' if overlap_choice else 'is not'} faster here "
                     f"({min(trial[True]) * 1e3:.0f} vs {min(trial[False]) * 1e3:.0f} ms/epoch); keeping it {'on' if overlap_choice else 'off'}")
-        if not torch.isfinite(loss):
-            raise HelloError(f"student ({source.name}): the loss became {loss.item()} at epoch {epoch}; lower student.lr")
         if epoch % sc.eval_every == 0 or epoch == sc.epochs:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                acc = top1(student, val, device, norm)
+                acc = top1(net, val, device, norm)
             history.append({"epoch": epoch, "top1": acc, "loss": loss.item()})
             bar.set_postfix(top1=f"{acc:.1f}")
+        ckpt.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "history": history, "step": step,
+                   "seen": seen, "train_time": train_time, "resident_generator": resident.generator.get_state(),
+                   "overlap": -1 if overlap_choice is None else int(overlap_choice)}, epoch, sc.epochs)
+    seen = distributed.sum_over_ranks([seen], device)[0]
     result = {
         "top1_last": history[-1]["top1"],
         "top1_best": max(h["top1"] for h in history),
@@ -177,10 +223,11 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         "loop": loop,
         "train_img_per_s": round(seen / max(train_time, 1e-9), 1),
     }
-    save_model(os.path.join(out_dir, "student.safetensors"), student,
-               {"arch": sc.arch, "num_classes": distilled.num_classes, "image_size": S, "width": width,
-                "label_source": source.name, "top1_last": result["top1_last"]})
-    write_json(os.path.join(out_dir, "history.json"), history)
-    log(f"student ({source.name}): top-1 last {result['top1_last']:.1f}%, best {result['top1_best']:.1f}% "
-        f"({result['train_img_per_s']:.0f} img/s)")
+    if main:
+        save_model(os.path.join(out_dir, "student.safetensors"), student,
+                   {"arch": sc.arch, "num_classes": distilled.num_classes, "image_size": S, "width": width,
+                    "label_source": source.name, "top1_last": result["top1_last"]})
+        write_json(os.path.join(out_dir, "history.json"), history)
+        log(f"student ({source.name}): top-1 last {result['top1_last']:.1f}%, best {result['top1_best']:.1f}% "
+            f"({result['train_img_per_s']:.0f} img/s)")
     return result

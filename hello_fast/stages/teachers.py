@@ -24,47 +24,65 @@ def teacher_path(stage_dir: str, epoch: int) -> str:
 
 
 def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
-    """Train the teacher run and keep the weak-teacher checkpoints. Returns the stage summary."""
+    """Train the teacher run and keep the weak-teacher checkpoints. Returns the stage summary.
+
+    Data-parallel under torchrun; resumes from the last epoch checkpoint of an interrupted run.
+    """
+    from hello_fast import distributed
+    from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
+
     tc = cfg.teachers
     train_set, val_set = data
     keep = sorted(set(tc.keep_epochs))
+    main = distributed.world().main
     torch.manual_seed(cfg.seed)
     model = build_model(tc.arch, train_set.num_classes, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None).to(device)
+    net = distributed.data_parallel(model, device)
+    model = distributed.unwrap(net)
     opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.lr_step, gamma=0.1)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     summary = {"checkpoints": [], "top1": {}, "bytes": {}}
-    with run.stage(STAGE, fingerprint, summary) as out:
-        for epoch in progress(range(1, keep[-1] + 1), desc="teachers", unit="epoch"):
-            model.train()
+    with run.stage(STAGE, fingerprint, summary, collective=True) as out:
+        ckpt = StageCheckpoint(out, "teachers", cfg.checkpoint_every)
+        first = 1
+        state = ckpt.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            first = ckpt.resume(state, opt, sched, summary)
+        guard = FiniteGuard()
+        for epoch in progress(range(first, keep[-1] + 1), desc="teachers", unit="epoch"):
+            net.train()
             for images, labels, _ in progress(
                 batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
-                        epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers),
+                        epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
+                        loader=cfg.data.loader, device=device, sharded=True),
                 desc=f"epoch {epoch}", unit="batch", disable_below=20,
             ):
                 images, labels = images.to(device), labels.to(device)
-                loss = F.cross_entropy(model(norm(images)), labels)
-                if not torch.isfinite(loss):
-                    from hello_fast.errors import HelloError
-
-                    raise HelloError(f"teachers: the loss became {loss.item()} at epoch {epoch}; lower teachers.lr")
+                loss = F.cross_entropy(net(norm(images)), labels) * distributed.loss_weight(labels.numel(), device)
+                guard.add(loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            guard.check("teachers", epoch, "teachers.lr", out)
             sched.step()
             if epoch in keep:
-                val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False,
-                              num_workers=cfg.data.num_workers, eval_resize=cfg.data.eval_resize)
-                acc = top1(model, val, device, norm)
+                val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
+                              num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
+                              eval_resize=cfg.data.eval_resize)
+                acc = top1(net, val, device, norm)
                 meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
                         "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
                         "class_names": train_set.class_names}
                 path = teacher_path(out, epoch)
-                nbytes = save_model(path, model, meta)
+                if main:
+                    summary["bytes"][str(epoch)] = save_model(path, model, meta)
+                    log(f"teachers: epoch {epoch} kept as a weak teacher (val top-1 {acc:.1f}%)")
                 summary["checkpoints"].append(os.path.basename(path))
                 summary["top1"][str(epoch)] = acc
-                summary["bytes"][str(epoch)] = nbytes
-                log(f"teachers: epoch {epoch} kept as a weak teacher (val top-1 {acc:.1f}%)")
+            ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "summary": summary}, epoch, keep[-1])
     return summary
 
 
