@@ -5,6 +5,8 @@ per-sample generator seeded by (seed, epoch, index), so the augmentation stream 
 any number of DataLoader workers or processes. Evaluation batches: resize the shorter side, then
 centre-crop. Images are decoded in DataLoader workers for file sets; unreadable images are
 dropped from their batch (FileImageSet warns, naming the file). Batches are uint8 (B, 3, S, S).
+`loader="dali"` hands file sets to hello_fast.data.dali instead: the same order, labels and kind
+of batch, decoded and augmented by DALI (on the GPU when the device is one).
 """
 from __future__ import annotations
 
