@@ -124,38 +124,33 @@ class Pipeline:
         return None
 
     # -- stages -------------------------------------------------------------------------------
-    def teachers(self) -> dict:
-        from hello_fast.stages.teachers import train_teachers
-
-        fp = self.fingerprint("teachers")
-        done = self._skip("teachers", fp)
+    def _stage(self, stage: str, work, *, on_main: bool = False) -> dict:
+        """Skip a finished, current stage; else seed and run work(fingerprint) (rank 0 alone when on_main)."""
+        fp = self.fingerprint(stage)
+        done = self._skip(stage, fp)
         if done is not None:
             return done
         seed_everything(self.cfg.seed)
-        return self._timed("teachers", train_teachers(self.cfg, self.data(), self.run, self.device, fp))
+        if on_main:
+            return self._on_main(stage, lambda: self._timed(stage, work(fp)))
+        return self._timed(stage, work(fp))
+
+    def teachers(self) -> dict:
+        from hello_fast.stages.teachers import train_teachers
+
+        return self._stage("teachers", lambda fp: train_teachers(self.cfg, self.data(), self.run, self.device, fp))
 
     def projector(self) -> dict:
         from hello_fast.stages.projector import train_projector
 
-        fp = self.fingerprint("projector")
-        done = self._skip("projector", fp)
-        if done is not None:
-            return done
-        seed_everything(self.cfg.seed)
-        return self._timed("projector", train_projector(self.cfg, self.data(), self.run, self.device, fp))
+        return self._stage("projector", lambda fp: train_projector(self.cfg, self.data(), self.run, self.device, fp))
 
     def select(self) -> dict:
         from hello_fast.stages import select as sel
         from hello_fast.stages.projector import artifact_path
         from hello_fast.stages.teachers import observer_path
 
-        fp = self.fingerprint("select")
-        done = self._skip("select", fp)
-        if done is not None:
-            return done
-        seed_everything(self.cfg.seed)
-
-        def work():
+        def work(fp):
             observer = None
             if self.cfg.select.method == "rded":
                 if self.cfg.select.observer == "teacher":
@@ -165,9 +160,9 @@ class Pipeline:
 
                     projector, _ = load_projector(artifact_path(self.run), device=self.device)
                     observer = sel.projector_observer(projector, self.cfg.data.image_size)
-            return self._timed("select", sel.select_images(self.cfg, self.data(), self.run, self.device, fp, observer))
+            return sel.select_images(self.cfg, self.data(), self.run, self.device, fp, observer)
 
-        return self._on_main("select", work)
+        return self._stage("select", work, on_main=True)
 
     def refine(self) -> dict | None:
         from hello_fast.stages.projector import artifact_path
@@ -176,13 +171,8 @@ class Pipeline:
         if not self.cfg.refine.enabled:
             log("refine: disabled in this config (refine.enabled: false), the selected images are used as they are")
             return None
-        fp = self.fingerprint("refine")
-        done = self._skip("refine", fp)
-        if done is not None:
-            return done
-        seed_everything(self.cfg.seed)
-        return self._on_main("refine", lambda: self._timed(
-            "refine", refine_images(self.cfg, self.run, self.device, fp, self.run.path("select"), artifact_path(self.run))))
+        return self._stage("refine", lambda fp: refine_images(self.cfg, self.run, self.device, fp, self.run.path("select"),
+                                                              artifact_path(self.run)), on_main=True)
 
     def student(self) -> dict:
         """Train one student per label source (each its own resumable unit); returns results."""

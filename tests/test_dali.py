@@ -100,7 +100,7 @@ def test_sharding_splits_without_overlap(folder, train, monkeypatch):
     seen = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "world", lambda r=rank: distributed.World(rank=r, size=3, local_rank=r))
-        b = dali.folder_batches(folder, order, size=16, batch_size=6, train=train, seed=0, scale=(0.5, 1), ratio=(0.75, 1.33),
+        b = dali.FolderBatches(folder, order, size=16, batch_size=6, train=train, seed=0, scale=(0.5, 1), ratio=(0.75, 1.33),
                                 flip=True, drop_last=False, eval_resize=None, device="cpu", num_workers=1, sharded=True)
         got = torch.cat([x[2] for x in b])
         assert len(got) == b.shard_len and len(list(b)) == len(b)

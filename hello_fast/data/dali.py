@@ -12,7 +12,7 @@ Three pipelines, each on the GPU (`device_id` an int: decoding `device="mixed"`)
   pass; CutMix/Mixup applied after, on the normalised views (normalisation is affine, so mixing
   after it equals mixing before).
 
-`folder_batches` is what the stages use (through `hello_fast.data.loader.batches(loader="dali")`):
+`FolderBatches` is what the stages use (through `hello_fast.data.loader.batches(loader="dali")`):
 the same contract as the torch loader — uint8 (B, 3, S, S) batches, labels in the set's fixed
 class order, and the set indices — and the same per-(seed, epoch) order of images, with one
 pipeline per epoch seeded by (seed, epoch) so that a resumed run sees the batches an
@@ -265,10 +265,6 @@ class FolderBatches:
             if self.drop_last and take < self.batch_size:
                 break
             yield x, labels[index], index
-
-
-def folder_batches(images, order, **kwargs) -> FolderBatches:
-    return FolderBatches(images, order, **kwargs)
 
 
 class DaliDistilledSet:

@@ -145,9 +145,9 @@ def batches(images: ImageSet, *, size: int, batch_size: int, train: bool, seed: 
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
         order = order[torch.randperm(len(order), generator=g)]
     if resolve_loader(loader, images) == "dali":
-        from hello_fast.data.dali import folder_batches
+        from hello_fast.data.dali import FolderBatches
 
-        return folder_batches(images, order, size=size, batch_size=batch_size, train=train,
+        return FolderBatches(images, order, size=size, batch_size=batch_size, train=train,
                               seed=sample_seed(seed, epoch, -2), scale=scale, ratio=ratio, flip=flip,
                               drop_last=drop_last, eval_resize=eval_resize, device=device,
                               num_workers=num_workers, sharded=sharded)
