@@ -4,6 +4,7 @@ import torch
 from conftest import gpu, triton_device
 
 from hello_fast.ops import _backend, augment_mix, augment_mix_reference, sample_augment_params
+from hello_fast.ops.augment_mix import MAX_VIEWS, effective_lam
 
 VIEWS = [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.float32), ((0.48, 0.46, 0.41), (0.27, 0.26, 0.28), torch.float32)]
 
@@ -80,6 +81,38 @@ def test_non_contiguous_source(backend, rng):
     _compare(backend, src, index, p, "mixup", 19)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_four_views_everywhere_and_the_same_refusals(backend, rng):
+    """One semantics: every backend writes up to MAX_VIEWS views and refuses the same bad parameters with the same
+    error, raised by the dispatcher before the backend runs."""
+    src = torch.randint(0, 256, (4, 3, 21, 30), dtype=torch.uint8, generator=rng)
+    index, p = _params(3, 4, 21, 30, 13, "cutmix", rng)
+    views = [VIEWS[0], ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.bfloat16), ((0.4, 0.4, 0.4), (0.3, 0.3, 0.3), torch.float16),
+             ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), torch.float32)]
+    assert len(views) == MAX_VIEWS
+    _compare(backend, src, index, p, "cutmix", 13, views=views, tol=4e-2)
+    bad_views = dict(views=views + [VIEWS[1]])
+    bad_crop = dict(crop=p["crop"].clone().index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(22)))
+    bad_cut = dict(cut=torch.tensor([[0, 0, 14, 3]] * 3))
+    bad_index = dict(index=torch.tensor([0, 4, 1]))
+    for bad in (bad_views, bad_crop, bad_cut, bad_index):
+        args = dict(index=index, **p, mode="cutmix", out_size=13, views=[VIEWS[0]])
+        args.update(bad)
+        with pytest.raises((ValueError, IndexError)) as default:
+            augment_mix(src, **args)
+        with pytest.raises(default.type) as forced:
+            augment_mix(src, **args, backend=backend)
+        assert str(forced.value) == str(default.value)
+
+
+def test_effective_lam_is_the_one_rule():
+    lam = torch.tensor([0.3, 0.9])
+    cut = torch.tensor([[0, 0, 4, 5], [2, 2, 2, 7]])
+    assert torch.equal(effective_lam("mixup", lam, cut, 10), lam)
+    assert torch.allclose(effective_lam("cutmix", lam, cut, 10), torch.tensor([1 - 20 / 100, 1.0]))
+    assert torch.equal(effective_lam("none", lam, cut, 10), torch.ones(2))
+
+
 @pytest.mark.skipif(_backend.extension() is None, reason="hello_fast._C not built")
 def test_csrc_op_checks_ranges_itself_and_passes_opcheck():
     src = torch.randint(0, 256, (3, 3, 10, 10), dtype=torch.uint8)
@@ -95,6 +128,10 @@ def test_csrc_op_checks_ranges_itself_and_passes_opcheck():
     bad = list(args)
     bad[1] = torch.tensor([0, 3])
     with pytest.raises(RuntimeError, match="index"):
+        torch.ops.hello_fast.augment_mix(*bad)
+    bad = list(args)
+    bad[9:12] = [[0.5] * 15, [0.25] * 15, [0, 1, 2, 0, 0]]  # the same view limit as the Python op
+    with pytest.raises(RuntimeError, match=f"at most {MAX_VIEWS} views"):
         torch.ops.hello_fast.augment_mix(*bad)
 
 

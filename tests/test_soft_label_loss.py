@@ -1,4 +1,6 @@
 """soft_label_loss: every backend against the float64 reference, forward and backward, with clear errors."""
+import importlib
+
 import pytest
 import torch
 
@@ -64,8 +66,8 @@ def test_every_backend_matches_float64(backend, B, C, mode, temperature, beta, t
 
 
 @CPP
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_cpp_low_and_high_precision_inputs(dtype, rng):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_low_precision_inputs(dtype, rng):
     s, t, hard, partner, lam = _inputs(9, 101, dtype=dtype, g=rng)
     got = soft_label_loss(s, t, hard, partner, lam, mode="kl", temperature=2.0, beta=0.5, backend="cpp")
     _, want = _ref64(s, t, hard, partner, lam, mode="kl", temperature=2.0, beta=0.5)
@@ -107,21 +109,92 @@ def test_opcheck_and_compile():
     assert torch.allclose(g1, g2)
 
 
-@pytest.mark.parametrize("mutate, error, words", [
+BAD_ARGUMENTS = [
     (lambda a: a.update(mode="l1"), ValueError, "mode"),
     (lambda a: a.update(hard=torch.tensor([0, 1, 7, 0])), IndexError, "hard labels"),
+    (lambda a: a.update(hard=torch.tensor([0, -1, 2, 0])), IndexError, "hard labels"),
     (lambda a: a.update(partner=torch.tensor([0, 1, 2, 4])), IndexError, "partner"),
     (lambda a: a.update(lam=torch.rand(3)), ValueError, "lam"),
     (lambda a: a.update(target_logits=torch.randn(4, 5)), ValueError, "target_logits"),
+    (lambda a: a.update(target_logits=torch.ones(4, 6, dtype=torch.long)), ValueError, "floating point"),
     (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+    (lambda a: a.update(temperature=float("inf")), ValueError, "temperature"),
+    (lambda a: a.update(beta=float("nan")), ValueError, "beta"),
     (lambda a: a.update(student_logits=torch.randn(4)), ValueError, "student_logits"),
-])
-def test_bad_arguments_raise_clear_errors(mutate, error, words):
+    (lambda a: a.update(student_logits=torch.randn(4, 6, dtype=torch.float64)), ValueError, "float32, float16 or bfloat16"),
+]
+
+
+def _bad_call(mutate, backend=None):
     args = dict(student_logits=torch.randn(4, 6), target_logits=torch.randn(4, 6), hard=torch.tensor([0, 1, 2, 3]),
-                partner=torch.tensor([1, 0, 3, 2]), lam=torch.rand(4), mode="mse", temperature=1.0)
+                partner=torch.tensor([1, 0, 3, 2]), lam=torch.rand(4), mode="mse", temperature=1.0, beta=0.5)
     mutate(args)
+    return soft_label_loss(**args, backend=backend)
+
+
+@pytest.mark.parametrize("mutate, error, words", BAD_ARGUMENTS)
+def test_bad_arguments_raise_clear_errors(mutate, error, words):
     with pytest.raises(error, match=words):
-        soft_label_loss(**args)
+        _bad_call(mutate)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + _cpu_backends())
+def test_every_backend_refuses_bad_arguments_with_the_same_error(backend):
+    """One check, in the dispatcher, before any backend runs: the same exception and message whichever runs."""
+    for mutate, error, _ in BAD_ARGUMENTS:
+        with pytest.raises(error) as default:
+            _bad_call(mutate)
+        with pytest.raises(error) as forced:
+            _bad_call(mutate, backend)
+        assert str(forced.value) == str(default.value)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + _cpu_backends())
+def test_target_is_read_in_the_students_dtype_by_every_backend(backend, rng):
+    s, t, hard, partner, lam = _inputs(5, 33, dtype=torch.bfloat16, g=rng)
+    t32 = t.float() + torch.rand(5, 33, generator=rng) * 0.01  # not representable in bfloat16
+    got = soft_label_loss(s, t32, hard, partner, lam, mode="kl", temperature=2.0, beta=0.3, backend=backend)
+    want = soft_label_loss_reference(s.double(), t32.bfloat16().double(), hard, partner, lam, mode="kl", temperature=2.0,
+                                     beta=0.3)
+    assert abs(got.item() - want.item()) <= 1e-4 * max(1.0, abs(want.item()))
+
+
+class _FakeExtension:
+    def __init__(self, cuda):
+        self._cuda = cuda
+
+    def cuda_built(self):
+        return self._cuda
+
+
+@pytest.mark.parametrize("extension, triton, want", [
+    ("cuda", True, "cuda"),      # both GPU kernels: the precompiled CUDA kernel leads
+    ("cuda", False, "cuda"),
+    ("cpu", True, "triton"),     # the extension was built without a CUDA toolkit: Triton is the GPU kernel
+    (None, True, "triton"),      # no extension at all
+    ("cpu", False, "torch"),
+    (None, False, "torch"),
+])
+def test_gpu_roles_by_default(monkeypatch, extension, triton, want):
+    """The default on a CUDA device (faked at choose()) for both ops with two GPU kernels; see _backend's roles."""
+    am, sll = importlib.import_module("hello_fast.ops.augment_mix"), importlib.import_module("hello_fast.ops.soft_label_loss")
+    monkeypatch.delenv("HELLO_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "extension", lambda: None if extension is None else _FakeExtension(extension == "cuda"))
+    monkeypatch.setattr(_backend, "triton_usable", lambda device: triton)
+    cuda = torch.device("cuda")
+    for op, offered in (("augment_mix", am._OFFERED), ("soft_label_loss", sll._OFFERED)):
+        assert _backend.choose(op, None, cuda, offered) == want
+        if want == "cuda" and triton:  # the other GPU kernel stays reachable, by preference or by demand
+            monkeypatch.setenv("HELLO_FAST_BACKEND", "triton")
+            assert _backend.choose(op, None, cuda, offered) == "triton"
+            monkeypatch.delenv("HELLO_FAST_BACKEND")
+            assert _backend.choose(op, "triton", cuda, offered) == "triton"
+        if extension != "cuda":
+            with pytest.raises(RuntimeError, match="'cuda' is not available"):
+                _backend.choose(op, "cuda", cuda, offered)
+    # on the CPU nothing changes: the C++ op where built, else the reference (the Triton interpreter only on demand)
+    cpu = torch.device("cpu")
+    assert _backend.choose("soft_label_loss", None, cpu, sll._OFFERED) == ("cpp" if extension else "torch")
 
 
 def test_backend_choice(monkeypatch):

@@ -1,9 +1,12 @@
-// Shared argument checks, mode parsing and output allocation for the augment_mix kernels (CPU and CUDA).
+// Shared argument checks, mode parsing and output allocation for the augment_mix kernels (CPU and CUDA): the same
+// limits as the Python op (hello_fast/ops/augment_mix.py), which checks them first; these are the net for C++ callers.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <string>
 #include <vector>
+
+#include "limits.h"
 
 namespace hello_fast {
 
@@ -25,7 +28,8 @@ inline at::ScalarType view_dtype(int64_t code) {
   TORCH_CHECK(false, "augment_mix: view dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got ", code);
 }
 
-// Checks shapes and dtypes (ranges are checked by the kernels, on their own device).
+// Checks shapes and dtypes. Ranges need the parameters' values: the CPU op checks them (cpu/augment_mix_kernel.cpp);
+// the CUDA kernel, which cannot raise, writes NaN for a sample whose parameters are out of range.
 inline int64_t check_augment_shapes(const at::Tensor& src, const at::Tensor& index, const at::Tensor& crop,
                                     const at::Tensor& flip, const at::Tensor& partner, const at::Tensor& lam,
                                     const at::Tensor& cut, int64_t out_size, at::ArrayRef<double> mean,
@@ -47,6 +51,8 @@ inline int64_t check_augment_shapes(const at::Tensor& src, const at::Tensor& ind
   const size_t V = dtypes.size();
   TORCH_CHECK(V >= 1 && mean.size() == 3 * V && std.size() == 3 * V,
               "augment_mix: give 3 means, 3 stds and a dtype per view");
+  TORCH_CHECK(V <= static_cast<size_t>(kMaxViews), "augment_mix: at most ", kMaxViews,
+              " views are written in one pass, got ", V);
   for (double s : std) TORCH_CHECK(s > 0, "augment_mix: std must be > 0");
   for (int64_t d : dtypes) view_dtype(d);
   return B;

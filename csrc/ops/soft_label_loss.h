@@ -1,4 +1,5 @@
-// Shared argument checks and mode parsing for the soft_label_loss kernels (CPU and CUDA).
+// Shared argument checks and mode parsing for the soft_label_loss kernels (CPU and CUDA): the same limits as the
+// Python op (hello_fast/ops/soft_label_loss.py), which checks them first; these are the net for C++ callers.
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
@@ -19,11 +20,15 @@ inline void check_soft_label_args(const at::Tensor& student, const c10::optional
                                   double temperature) {
   TORCH_CHECK(student.dim() == 2, "soft_label_loss: student logits must be (B, C), got ", student.sizes());
   TORCH_CHECK(student.size(0) > 0 && student.size(1) > 0, "soft_label_loss: empty logits ", student.sizes());
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "soft_label_loss: student logits must be floating point");
+  const auto dt = student.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "soft_label_loss: student_logits must be float32, float16 or bfloat16 (every backend computes in float32), "
+              "got ", dt);
   if (target.has_value() && target->defined()) {
     TORCH_CHECK(target->sizes() == student.sizes(), "soft_label_loss: target ", target->sizes(),
                 " does not match student ", student.sizes());
     TORCH_CHECK(target->device() == student.device(), "soft_label_loss: target on another device");
+    TORCH_CHECK(at::isFloatingType(target->scalar_type()), "soft_label_loss: target logits must be floating point");
   }
   const auto B = student.size(0);
   TORCH_CHECK(hard.dim() == 1 && hard.size(0) == B && hard.scalar_type() == at::kLong,

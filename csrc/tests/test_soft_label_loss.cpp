@@ -74,8 +74,29 @@ void check_case(int64_t B, int64_t C, const std::string& mode, double T, double 
 
 }  // namespace
 
+void expect(const std::string& what, bool ok) {
+  (ok ? std::cout : std::cerr) << (ok ? "ok   " : "FAIL ") << what << "\n";
+  if (!ok) ++failures;
+}
+
+// what every backend refuses (the Python op checks the same first): float64 logits, out-of-range labels
+bool refused(const at::Tensor& s, const at::Tensor& hard) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("hello_fast::soft_label_loss", "")
+                .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
+  try {
+    op.call(s, std::nullopt, hard, at::zeros({2}, at::kLong), at::ones({2}), "mse", 1.0, 1.0);
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
 int main() {
   at::manual_seed(0);
+  expect("float32 logits are taken", !refused(at::randn({2, 5}), at::tensor({0, 4}, at::kLong)));
+  expect("float64 logits are refused", refused(at::randn({2, 5}, at::kDouble), at::tensor({0, 4}, at::kLong)));
+  expect("a hard label >= C is refused", refused(at::randn({2, 5}), at::tensor({0, 5}, at::kLong)));
   for (int64_t B : {1, 7, 37}) {
     for (int64_t C : {1, 13, 1001}) {
       check_case(B, C, "mse", 1.0, 0.0, true);

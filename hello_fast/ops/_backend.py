@@ -3,6 +3,20 @@
 The extension `hello_fast._C` is loaded once, on first use; if it is absent the package says so
 once and runs the PyTorch reference. `HELLO_FAST_BACKEND=<name>` prefers one backend wherever an
 op offers it on that device; an op's `backend=` argument demands one and fails clearly if absent.
+
+Roles of the two GPU backends (the README's "Backend roles" says the same):
+- CUDA (csrc/ops/cuda) leads for augment_mix and soft_label_loss wherever the extension was built
+  with it. It is compiled ahead of time, one kernel per op for every mode, view count and dtype,
+  so no call waits for a JIT compile of a new variant; nvcc (-O3, sm_80 / sm_90) reports no
+  spills for any of them, at 48 / 40 registers for augment_mix and 32 / 32-40 for soft_label_loss,
+  fixed for every mode and view count (Triton's vary per compiled variant: see
+  benchmarks/results/gpu_static.json); and the sources run, unchanged, under the project's CPU
+  emulation with AddressSanitizer and ThreadSanitizer in CI (tests/test_cuda_emulated.py).
+- Triton (kernels/) is the GPU path wherever the extension has no CUDA kernels: a plain
+  `pip install` on a machine without a CUDA toolkit builds the CPU ops only, while Triton comes
+  with torch. It is the only GPU kernel of lora_linear.
+Neither order rests on a GPU timing (none has been measured): benchmarks/bench_augment.py and
+bench_loss.py time both on a GPU, and HELLO_FAST_BACKEND=triton puts Triton first.
 """
 from __future__ import annotations
 
@@ -14,6 +28,8 @@ from hello_fast import _extension
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "HELLO_FAST_BACKEND"
+# the preference of the ops that have both GPU kernels (augment_mix, soft_label_loss): see the roles above
+CUDA_THEN_TRITON = ("cuda", "triton", "cpp", "torch")
 
 
 def extension():

@@ -21,10 +21,11 @@ def register() -> None:
 
     @torch.library.register_fake("hello_fast::augment_mix")
     def _(src, index, crop, flip, partner, lam, cut, mode, out_size, mean, std, dtypes, channels_last):
-        from hello_fast.ops.augment_mix import DTYPE_CODES
+        # local: augment_mix -> _backend -> _extension -> this module would be an import circle at the top
+        from hello_fast.ops.augment_mix import DTYPE_CODES, MAX_VIEWS
 
+        torch._check(1 <= len(dtypes) <= MAX_VIEWS, lambda: f"augment_mix: at most {MAX_VIEWS} views, got {len(dtypes)}")
         B = index.shape[0]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         codes = {v: k for k, v in DTYPE_CODES.items()}
-        views = [torch.empty((B, 3, out_size, out_size), dtype=codes[d], device=src.device, memory_format=fmt) for d in dtypes]
-        return views, torch.empty((B,), dtype=torch.float32, device=src.device)
+        return [torch.empty((B, 3, out_size, out_size), dtype=codes[d], device=src.device, memory_format=fmt) for d in dtypes]

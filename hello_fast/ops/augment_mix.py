@@ -12,6 +12,12 @@ normalised views and each sample's effective own-label weight `lam_eff`:
 `sample_augment_params` draws crop/flip/partner/lam/cut by torchvision's RandomResizedCrop rule
 and the CutMix/Mixup rules (lam ~ Beta(alpha, alpha), box clipped to the image, lam corrected to
 the box's area).
+
+One semantics for every backend (Triton, CUDA, C++, the reference): this module checks the
+arguments once, before dispatching (at most MAX_VIEWS views of float32/float16/bfloat16; crops,
+indices, partners and boxes in range, else IndexError), every backend computes the pixels in
+float32 and rounds once into each view's dtype, and `effective_lam` is the only place lam_eff
+is computed. The csrc ops keep TORCH_CHECKs with the same limits for C++ callers.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ import torch.nn.functional as F
 from hello_fast.ops import _backend
 
 MODES = ("none", "mixup", "cutmix")
-_OFFERED = ("triton", "cuda", "cpp", "torch")  # preferred first (see soft_label_loss for why Triton leads)
+MAX_VIEWS = 4  # csrc/ops/limits.h kMaxViews; the Triton kernel's MAX_VIEWS
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the csrc op's view dtype codes
+# preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
+_OFFERED = _backend.CUDA_THEN_TRITON
 
 
 def _views_spec(views):
@@ -42,16 +50,18 @@ def _views_spec(views):
         out.append((mean, std, dtype))
     if not out:
         raise ValueError("augment_mix: give at least one view")
+    if len(out) > MAX_VIEWS:
+        raise ValueError(f"augment_mix: at most {MAX_VIEWS} views are written in one pass, got {len(out)}")
     return out
 
 
-def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size):
-    """Raise ValueError/IndexError for anything out of range; returns B."""
+def _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size):
+    """Dtypes, shapes, devices and the mode (no data read: always checked); returns B."""
     if mode not in MODES:
         raise ValueError(f"augment_mix: mode must be one of {MODES}, got {mode!r}")
     if src.dtype != torch.uint8 or src.dim() != 4 or src.shape[1] != 3:
         raise ValueError(f"augment_mix: src must be uint8 (S, 3, H, W), got {src.dtype} {tuple(src.shape)}")
-    if not isinstance(out_size, int) or out_size < 1:
+    if isinstance(out_size, bool) or not isinstance(out_size, int) or out_size < 1:
         raise ValueError(f"augment_mix: out_size must be a positive int, got {out_size!r}")
     B = index.shape[0] if index.dim() == 1 else -1
     expect = {"index": (index, (B,), torch.long), "crop": (crop, (B, 4), torch.long), "flip": (flip, (B,), torch.bool),
@@ -63,6 +73,12 @@ def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size
             raise ValueError(f"augment_mix: {name} is on {t.device}, src on {src.device}")
     if B == 0:
         raise ValueError("augment_mix: empty batch")
+    return B
+
+
+def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size):
+    """Raise ValueError/IndexError for anything malformed or out of range (reads the parameters on the host); returns B."""
+    B = _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size)
     S, _, H, W = src.shape
     idx = index.cpu()
     if int(idx.min()) < 0 or int(idx.max()) >= S:
@@ -88,6 +104,17 @@ def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size
     return B
 
 
+def effective_lam(mode: str, lam: torch.Tensor, cut: torch.Tensor, out_size: int) -> torch.Tensor:
+    """lam_eff, each sample's own-label weight after mixing (float32 (B,)): lam for Mixup, 1 - box area / out_size^2
+    for CutMix (lam corrected to the clipped box), 1 without mixing. Every backend's lam_eff comes from here."""
+    if mode == "mixup":
+        return lam.to(torch.float32).clone()
+    if mode == "cutmix":
+        area = (cut[:, 2] - cut[:, 0]).clamp(min=0) * (cut[:, 3] - cut[:, 1]).clamp(min=0)
+        return 1.0 - area.to(torch.float32) / float(out_size * out_size)
+    return torch.ones(lam.shape, dtype=torch.float32, device=lam.device)
+
+
 def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views):
     """The PyTorch reference (fp32 math, one F.interpolate per sample): CPU fallback and test oracle."""
     views = _views_spec(views)
@@ -96,6 +123,7 @@ def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, ou
     flips = flip.tolist()
     base = []
     for b in range(len(idx)):
+        # the source pixels of sample b: its crop, resized and flipped
         top, left, h, w = crops[b]
         patch = src[idx[b], :, top : top + h, left : left + w].float()[None]
         img = F.interpolate(patch, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=False)[0]
@@ -104,23 +132,18 @@ def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, ou
     if mode == "mixup":
         l = lam.float()[:, None, None, None]
         x = l * base + (1 - l) * base[partner]
-        lam_eff = lam.float().clone()
     elif mode == "cutmix":
         x = base.clone()
-        areas = []
         for b, (t0, l0, b1, r1) in enumerate(cut.tolist()):
             x[b, :, t0:b1, l0:r1] = base[partner[b], :, t0:b1, l0:r1]
-            areas.append((b1 - t0) * (r1 - l0))
-        lam_eff = 1 - torch.tensor(areas, dtype=torch.float32, device=src.device) / float(out_size * out_size)
     else:
         x = base
-        lam_eff = torch.ones(len(idx), dtype=torch.float32, device=src.device)
     out = []
     for mean, std, dtype in views:
         m = torch.tensor(mean, device=src.device).view(1, 3, 1, 1)
         s = torch.tensor(std, device=src.device).view(1, 3, 1, 1)
         out.append(((x / 255.0 - m) / s).to(dtype))
-    return tuple(out), lam_eff
+    return tuple(out), effective_lam(mode, lam, cut, out_size)
 
 
 def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, channels_last=False, check=True,
@@ -128,28 +151,33 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, vi
     """Crop, resize, flip, mix and normalise a batch from the image set `src` in one pass.
 
     Returns (tuple of one tensor per view, lam_eff float32 (B,)). See the module docstring.
-    `channels_last` writes the views in channels-last memory; `check=False` skips the range checks
-    (they read the parameters on the host: skip them only for parameters from sample_augment_params).
+    `channels_last` writes the views in channels-last memory. `check=False` skips the range checks, which read the
+    parameters on the host (a device sync): use it only for parameters from sample_augment_params. Out-of-range
+    parameters are then undefined behaviour; the CUDA kernel writes NaN for such a sample rather than read outside
+    `src`, the C++ CPU op still raises.
     """
     if check:
         check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size)
+    else:
+        _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size)
     spec = _views_spec(views)
     name = _backend.choose("augment_mix", backend, src.device, _OFFERED)
     if name == "torch":
-        out, lam_eff = augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=views)
+        out, _ = augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=spec)
         if channels_last:
             out = tuple(v.contiguous(memory_format=torch.channels_last) for v in out)
-        return out, lam_eff
-    if name == "triton":
-        from hello_fast.kernels import augment_mix as kern
+    elif name == "triton":
+        from hello_fast.kernels import augment_mix as kern  # triton is an optional dependency
 
-        return kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last)
-    mean = [m for v in spec for m in v[0]]
-    std = [s for v in spec for s in v[1]]
-    codes = [DTYPE_CODES[v[2]] for v in spec]
-    out, lam_eff = torch.ops.hello_fast.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size),
-                                                    mean, std, codes, bool(channels_last))
-    return tuple(out), lam_eff
+        # the launcher still returns a lam_eff of its own: ignored, every backend's comes from effective_lam
+        out, _ = kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last)
+    else:
+        mean = [m for v in spec for m in v[0]]
+        std = [s for v in spec for s in v[1]]
+        codes = [DTYPE_CODES[v[2]] for v in spec]
+        out = torch.ops.hello_fast.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), mean, std,
+                                               codes, bool(channels_last))
+    return tuple(out), effective_lam(mode, lam, cut, out_size)
 
 
 def _beta(alpha: float, n: int, g: torch.Generator) -> np.ndarray:

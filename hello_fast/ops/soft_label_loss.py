@@ -7,6 +7,13 @@ kl_div "batchmean", no T^2 factor: the RDED/SRe2L practice); `ce` is the cross-e
 hard labels mixed as the images were, `mean_b[lam_b CE(s_b, hard_b) + (1-lam_b) CE(s_b,
 hard[partner_b])]`. `target_logits=None` keeps only the CE term (hard-label training). The
 gradient flows to `student_logits` only.
+
+One semantics for every backend (Triton, CUDA, C++, the reference): this module checks the
+arguments once, before dispatching. Logits are float32, float16 or bfloat16 (float64 is refused:
+every kernel computes in float32, and a float64 input would silently lose its precision);
+`target_logits` is cast to the student's dtype; every backend computes in float32 and returns a
+float32 loss; out-of-range hard labels and partners raise IndexError. The csrc ops keep
+TORCH_CHECKs with the same limits for C++ callers.
 """
 from __future__ import annotations
 
@@ -16,13 +23,14 @@ import torch.nn.functional as F
 from hello_fast.ops import _backend
 
 MODES = ("mse", "kl")
-# preferred first; the dispatcher drops what this device cannot run. On GPUs Triton leads: its
-# numerics are tested everywhere (the interpreter), the CUDA kernel only where a GPU is present.
-_OFFERED = ("triton", "cuda", "cpp", "torch")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
+_OFFERED = _backend.CUDA_THEN_TRITON
 
 
 def soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, *, mode="mse", temperature=1.0, beta=0.0):
-    """The PyTorch reference (fp32 math, fp64 for fp64 inputs): the CPU fallback and the test oracle."""
+    """The PyTorch reference (fp32 math; fp64 for fp64 inputs, which only the tests' oracle passes): the CPU fallback
+    and the test oracle."""
     compute = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(compute)
     main = s.new_zeros(())
@@ -44,26 +52,34 @@ def soft_label_loss_reference(student_logits, target_logits, hard, partner, lam,
     return main + beta * (lam * ce_own + (1 - lam) * ce_partner).mean()
 
 
-def _check(student_logits, target_logits, hard, partner, lam, mode, temperature):
+def _check(student_logits, target_logits, hard, partner, lam, mode, temperature, beta):
     if mode not in MODES:
         raise ValueError(f"soft_label_loss: mode must be one of {MODES}, got {mode!r}")
     if student_logits.dim() != 2 or student_logits.numel() == 0:
         raise ValueError(f"soft_label_loss: student_logits must be a non-empty (B, C) tensor, got {tuple(student_logits.shape)}")
-    if not student_logits.is_floating_point():
-        raise ValueError("soft_label_loss: student_logits must be floating point")
+    if student_logits.dtype not in DTYPES:
+        raise ValueError(f"soft_label_loss: student_logits must be float32, float16 or bfloat16 (every backend computes "
+                         f"in float32), got {student_logits.dtype}")
     B, C = student_logits.shape
-    if target_logits is not None and target_logits.shape != student_logits.shape:
-        raise ValueError(f"soft_label_loss: target_logits {tuple(target_logits.shape)} != student_logits {tuple(student_logits.shape)}")
+    if target_logits is not None:
+        if target_logits.shape != student_logits.shape:
+            raise ValueError(f"soft_label_loss: target_logits {tuple(target_logits.shape)} != student_logits {tuple(student_logits.shape)}")
+        if not target_logits.is_floating_point():
+            raise ValueError(f"soft_label_loss: target_logits must be floating point, got {target_logits.dtype}")
+        if target_logits.device != student_logits.device:
+            raise ValueError(f"soft_label_loss: target_logits is on {target_logits.device}, student_logits on {student_logits.device}")
     for name, t, dtype in (("hard", hard, torch.long), ("partner", partner, torch.long), ("lam", lam, torch.float32)):
         if t.shape != (B,) or t.dtype != dtype:
             raise ValueError(f"soft_label_loss: {name} must be {dtype} of shape ({B},), got {t.dtype} {tuple(t.shape)}")
         if t.device != student_logits.device:
             raise ValueError(f"soft_label_loss: {name} is on {t.device}, logits on {student_logits.device}")
-    if not temperature > 0:
-        raise ValueError(f"soft_label_loss: temperature must be > 0, got {temperature}")
-    if hard.numel() and (int(hard.min()) < 0 or int(hard.max()) >= C):
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"soft_label_loss: temperature must be a positive finite number, got {temperature}")
+    if not abs(beta) < float("inf"):
+        raise ValueError(f"soft_label_loss: beta must be finite, got {beta}")
+    if int(hard.min()) < 0 or int(hard.max()) >= C:
         raise IndexError(f"soft_label_loss: hard labels must lie in [0, {C}), got [{int(hard.min())}, {int(hard.max())}]")
-    if partner.numel() and (int(partner.min()) < 0 or int(partner.max()) >= B):
+    if int(partner.min()) < 0 or int(partner.max()) >= B:
         raise IndexError(f"soft_label_loss: partner must index batch rows [0, {B}), got [{int(partner.min())}, {int(partner.max())}]")
 
 
@@ -74,12 +90,12 @@ def soft_label_loss(student_logits, target_logits, hard, partner, lam, *, mode="
     with, `lam` float32 (B,) each sample's own share of the mix (1 for unmixed). Returns a float32
     scalar. `backend`: "cpp", "cuda", "triton", "torch" or None for the fastest available.
     """
-    _check(student_logits, target_logits, hard, partner, lam, mode, temperature)
+    _check(student_logits, target_logits, hard, partner, lam, mode, temperature, beta)
+    if target_logits is not None:  # every backend reads the target in the student's dtype
+        target_logits = target_logits.detach().to(student_logits.dtype)
     name = _backend.choose("soft_label_loss", backend, student_logits.device, _OFFERED)
     if name == "torch":
         return soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, mode=mode, temperature=temperature, beta=beta).float()
-    if target_logits is not None:
-        target_logits = target_logits.detach()
     impl = _triton if name == "triton" else _csrc
     args = (target_logits, hard, partner, lam, mode, float(temperature), float(beta))
     if torch.is_grad_enabled() and student_logits.requires_grad:
@@ -95,7 +111,7 @@ def _csrc(student, target, hard, partner, lam, mode, temperature, beta, with_gra
 
 
 def _triton(student, target, hard, partner, lam, mode, temperature, beta, with_grad):
-    from hello_fast.kernels import soft_label_loss as kern
+    from hello_fast.kernels import soft_label_loss as kern  # triton is an optional dependency
 
     return kern.soft_label_loss(student, target, hard, partner, lam, mode, temperature, beta, with_grad)
 

@@ -165,7 +165,7 @@ void check_ranges(const at::Tensor& index, const at::Tensor& crop, const at::Ten
   }
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cpu(const at::Tensor& src_in, const at::Tensor& index_in,
+std::vector<at::Tensor> augment_mix_cpu(const at::Tensor& src_in, const at::Tensor& index_in,
                                                                 const at::Tensor& crop_in, const at::Tensor& flip_in,
                                                                 const at::Tensor& partner_in, const at::Tensor& lam_in,
                                                                 const at::Tensor& cut_in, c10::string_view mode_name,
@@ -188,14 +188,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cpu(const at::Tensor
     vinv[i] = static_cast<float>(1.0 / std[i]);
   }
   auto views = allocate_views(src_in, B, out, dtypes, channels_last);
-  auto lam_eff = at::empty({B}, lam.options());
   const int64_t* ix = index.data_ptr<int64_t>();
   const int64_t* cr = crop.data_ptr<int64_t>();
   const int64_t* pa = partner.data_ptr<int64_t>();
   const int64_t* cu = cut.data_ptr<int64_t>();
   const bool* fl = flip.data_ptr<bool>();
   const float* lm = lam.data_ptr<float>();
-  float* le = lam_eff.data_ptr<float>();
   auto sample = [&](int64_t b) {
     return Sample{src + ix[b] * s_n, cr[4 * b], cr[4 * b + 1], cr[4 * b + 2], cr[4 * b + 3], fl[b]};
   };
@@ -215,7 +213,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cpu(const at::Tensor
           (Vec::loadu(mine.data() + i) * l + Vec::loadu(theirs.data() + i) * one_minus).store(mine.data() + i);
         }
         for (; i < 3 * plane; ++i) mine[i] = mine[i] * lm[b] + theirs[i] * (1.0f - lm[b]);
-        le[b] = lm[b];
       } else if (mode == MixMode::kCutmix) {
         const int64_t t0 = cu[4 * b], l0 = cu[4 * b + 1], b1 = cu[4 * b + 2], r1 = cu[4 * b + 3];
         if (b1 > t0 && r1 > l0) {
@@ -228,9 +225,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cpu(const at::Tensor
             }
           }
         }
-        le[b] = 1.0f - static_cast<float>((b1 - t0) * (r1 - l0)) / static_cast<float>(plane);
-      } else {
-        le[b] = 1.0f;
       }
       for (int64_t v = 0; v < V; ++v) {
         auto& view = views[v];
@@ -250,7 +244,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cpu(const at::Tensor
       }
     }
   });
-  return {views, lam_eff};
+  return views;
 }
 
 }  // namespace

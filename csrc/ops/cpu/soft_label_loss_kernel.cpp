@@ -2,7 +2,6 @@
 // passes (max, sum of exp with the exponentials kept, dot products), float math with double totals; the gradient
 // comes from the same exponentials.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../soft_label_loss.h"
@@ -242,10 +242,16 @@ std::tuple<at::Tensor, at::Tensor> run(const at::Tensor& student, const c10::opt
   const int64_t B = p.args.B, C = p.args.C;
   std::vector<double> main(B), ce(B);
   at::Tensor grad = with_grad ? at::empty_like(p.s) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.s.scalar_type(), "soft_label_loss_cpu", [&] {
-    rows<scalar_t>(p.s.data_ptr<scalar_t>(), p.t.defined() ? p.t.data_ptr<scalar_t>() : nullptr, p.args, main.data(),
-                   ce.data(), with_grad ? grad.data_ptr<scalar_t>() : nullptr);
-  });
+  auto call = [&](auto* type_tag) {
+    using T = std::remove_pointer_t<decltype(type_tag)>;
+    rows<T>(p.s.data_ptr<T>(), p.t.defined() ? p.t.data_ptr<T>() : nullptr, p.args, main.data(), ce.data(),
+            with_grad ? grad.data_ptr<T>() : nullptr);
+  };
+  switch (p.s.scalar_type()) {  // check_soft_label_args admits float32, float16 and bfloat16 only
+    case at::kFloat: call(static_cast<float*>(nullptr)); break;
+    case at::kHalf: call(static_cast<at::Half*>(nullptr)); break;
+    default: call(static_cast<at::BFloat16*>(nullptr));
+  }
   double main_sum = 0, ce_sum = 0;
   for (int64_t b = 0; b < B; ++b) {
     main_sum += main[b];

@@ -11,7 +11,7 @@
 namespace hello_fast {
 namespace {
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cuda(const at::Tensor& src, const at::Tensor& index_in,
+std::vector<at::Tensor> augment_mix_cuda(const at::Tensor& src, const at::Tensor& index_in,
                                                                  const at::Tensor& crop_in, const at::Tensor& flip_in,
                                                                  const at::Tensor& partner_in, const at::Tensor& lam_in,
                                                                  const at::Tensor& cut_in, c10::string_view mode_name,
@@ -19,13 +19,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cuda(const at::Tenso
                                                                  at::ArrayRef<double> std, at::IntArrayRef dtypes,
                                                                  bool channels_last) {
   const int64_t B = check_augment_shapes(src, index_in, crop_in, flip_in, partner_in, lam_in, cut_in, out, mean, std, dtypes);
-  TORCH_CHECK(static_cast<int64_t>(dtypes.size()) <= cuda::kMaxViews, "augment_mix: the CUDA kernel writes at most ",
-              cuda::kMaxViews, " views");
   const c10::cuda::CUDAGuard guard(src.device());
   const auto index = index_in.contiguous(), crop = crop_in.contiguous(), flip = flip_in.contiguous();
   const auto partner = partner_in.contiguous(), lam = lam_in.contiguous(), cut = cut_in.contiguous();
   auto views = allocate_views(src, B, out, dtypes, channels_last);
-  auto lam_eff = at::empty({B}, lam.options());
   cuda::AugmentMixArgs a{};
   a.src = src.data_ptr<uint8_t>();
   a.s_n = src.stride(0);
@@ -41,7 +38,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cuda(const at::Tenso
   a.partner = partner.data_ptr<int64_t>();
   a.lam = lam.data_ptr<float>();
   a.cut = cut.data_ptr<int64_t>();
-  a.lam_eff = lam_eff.data_ptr<float>();
   a.batch = B;
   a.out_size = out;
   a.mode = static_cast<int>(parse_mix_mode(std::string(mode_name)));
@@ -57,7 +53,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> augment_mix_cuda(const at::Tenso
   }
   const cudaError_t err = cuda::launch_augment_mix(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "augment_mix: CUDA launch failed: ", cudaGetErrorString(err));
-  return {views, lam_eff};
+  return views;
 }
 
 }  // namespace

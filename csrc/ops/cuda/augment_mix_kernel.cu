@@ -1,8 +1,12 @@
-// CUDA kernel of hello_fast::augment_mix: one thread per output pixel of one sample, all 3 channels and every view.
-// Bilinear taps follow F.interpolate(align_corners=False) in fp32; parameters are clamped, never read out of bounds
-// (the Python op validates them and raises before launching).
+// CUDA kernel of hello_fast::augment_mix: one thread per output pixel, all 3 channels and every view, looping over
+// the samples of the batch along grid.y. Bilinear taps follow F.interpolate(align_corners=False) in fp32.
+// The Python op checks the parameters and raises before launching (one check for every backend); the kernel
+// still never reads outside its inputs: a sample whose parameters are out of range (reachable only with
+// check=False or from C++) gets NaN views rather than a clamped, plausible-looking image.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <math.h>
 
 #include "launch.h"
 
@@ -10,7 +14,29 @@ namespace hello_fast {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+constexpr int kThreads = 256;
+constexpr unsigned kMaxGridY = 65535;  // CUDA's limit on grid.y: larger batches loop
+
+// Whether sample smp's image and crop lie inside the source set.
+__device__ __forceinline__ bool crop_inside(const AugmentMixArgs& a, int64_t smp) {
+  const int64_t img = a.index[smp];
+  const int64_t* cr = a.crop + 4 * smp;
+  return img >= 0 && img < a.num_images && cr[0] >= 0 && cr[1] >= 0 && cr[2] >= 1 && cr[3] >= 1 &&
+         cr[0] + cr[2] <= a.height && cr[1] + cr[3] <= a.width;
+}
+
+// Whether everything sample b reads (its crop, its partner's crop when mixing, its CutMix box) is in range.
+__device__ bool params_in_range(const AugmentMixArgs& a, int64_t b) {
+  if (!crop_inside(a, b)) return false;
+  if (a.mode == kNoMix) return true;
+  const int64_t p = a.partner[b];
+  if (p < 0 || p >= a.batch || !crop_inside(a, p)) return false;
+  if (a.mode == kCutmix) {
+    const int64_t* k = a.cut + 4 * b;
+    return k[0] >= 0 && k[1] >= 0 && k[0] <= k[2] && k[1] <= k[3] && k[2] <= a.out_size && k[3] <= a.out_size;
+  }
+  return true;
+}
 
 struct Taps {
   const uint8_t* r0;
@@ -19,11 +45,11 @@ struct Taps {
   float ly, lx;
 };
 
+// The source coordinates of output pixel (oy, ox) of sample smp: its crop resized to out_size (align_corners=False)
+// and flipped; the four bilinear taps and their weights.
 __device__ Taps taps(const AugmentMixArgs& a, int64_t smp, int64_t oy, int64_t ox) {
-  const int64_t img = clamp64(a.index[smp], 0, a.num_images - 1);
   const int64_t* cr = a.crop + 4 * smp;
-  const int64_t top = clamp64(cr[0], 0, a.height - 1), left = clamp64(cr[1], 0, a.width - 1);
-  const int64_t h = clamp64(cr[2], 1, a.height - top), w = clamp64(cr[3], 1, a.width - left);
+  const int64_t top = cr[0], left = cr[1], h = cr[2], w = cr[3];
   const int64_t oxx = a.flip[smp] ? a.out_size - 1 - ox : ox;
   const float out_f = static_cast<float>(a.out_size);
   float sy = (static_cast<float>(h) / out_f) * (static_cast<float>(oy) + 0.5f) - 0.5f;
@@ -32,7 +58,7 @@ __device__ Taps taps(const AugmentMixArgs& a, int64_t smp, int64_t oy, int64_t o
   sx = sx < 0.f ? 0.f : sx;
   const int64_t y0 = static_cast<int64_t>(sy), x0 = static_cast<int64_t>(sx);
   const int64_t y1 = y0 < h - 1 ? y0 + 1 : y0, x1 = x0 < w - 1 ? x0 + 1 : x0;
-  const uint8_t* base = a.src + img * a.s_n;
+  const uint8_t* base = a.src + a.index[smp] * a.s_n;
   return Taps{base + (top + y0) * a.s_h, base + (top + y1) * a.s_h, (left + x0) * a.s_w, (left + x1) * a.s_w,
               sy - static_cast<float>(y0), sx - static_cast<float>(x0)};
 }
@@ -52,42 +78,43 @@ __device__ __forceinline__ void store(void* base, int dtype, int64_t offset, flo
 }
 
 __global__ void augment_mix_kernel(const AugmentMixArgs a) {
-  const int64_t b = blockIdx.y;
   const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n = a.out_size * a.out_size;
-  if (pix == 0) {
-    float le = 1.f;
-    if (a.mode == 1) {
-      le = a.lam[b];
-    } else if (a.mode == 2) {
-      const int64_t* k = a.cut + 4 * b;
-      le = 1.f - static_cast<float>((k[2] - k[0]) * (k[3] - k[1])) / static_cast<float>(n);
-    }
-    a.lam_eff[b] = le;
-  }
   if (pix >= n) return;
   const int64_t oy = pix / a.out_size, ox = pix % a.out_size;
-  const int64_t p = clamp64(a.partner[b], 0, a.batch - 1);
-  int64_t own = b;
-  if (a.mode == 2) {
-    const int64_t* k = a.cut + 4 * b;
-    if (oy >= k[0] && oy < k[2] && ox >= k[1] && ox < k[3]) own = p;
-  }
-  const Taps t = taps(a, own, oy, ox);
-  Taps tp;
-  float lam = 1.f;
-  if (a.mode == 1) {
-    tp = taps(a, p, oy, ox);
-    lam = a.lam[b];
-  }
-  for (int c = 0; c < 3; ++c) {
-    float v = bilinear(t, c * a.s_c);
-    if (a.mode == 1) v = lam * v + (1.f - lam) * bilinear(tp, c * a.s_c);
-    const float x = v * (1.f / 255.f);
-    for (int k = 0; k < a.num_views; ++k) {
-      const int64_t* st = a.view_stride[k];
-      store(a.view[k], a.view_dtype[k], b * st[0] + c * st[1] + oy * st[2] + ox * st[3],
-            (x - a.mean[k][c]) * a.inv_std[k][c]);
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    if (!params_in_range(a, b)) {
+      for (int c = 0; c < 3; ++c) {
+        for (int k = 0; k < a.num_views; ++k) {
+          const int64_t* st = a.view_stride[k];
+          store(a.view[k], a.view_dtype[k], b * st[0] + c * st[1] + oy * st[2] + ox * st[3], nanf(""));
+        }
+      }
+      continue;
+    }
+    // the pixel's source: the sample itself or, inside its CutMix box, its partner; Mixup blends both
+    int64_t own = b;
+    const int64_t p = a.mode == kNoMix ? b : a.partner[b];
+    if (a.mode == kCutmix) {
+      const int64_t* k = a.cut + 4 * b;
+      if (oy >= k[0] && oy < k[2] && ox >= k[1] && ox < k[3]) own = p;
+    }
+    const Taps t = taps(a, own, oy, ox);
+    Taps tp;
+    float lam = 1.f;
+    if (a.mode == kMixup) {
+      tp = taps(a, p, oy, ox);
+      lam = a.lam[b];
+    }
+    for (int c = 0; c < 3; ++c) {
+      float v = bilinear(t, c * a.s_c);
+      if (a.mode == kMixup) v = lam * v + (1.f - lam) * bilinear(tp, c * a.s_c);
+      const float x = v * (1.f / 255.f);
+      for (int k = 0; k < a.num_views; ++k) {
+        const int64_t* st = a.view_stride[k];
+        store(a.view[k], a.view_dtype[k], b * st[0] + c * st[1] + oy * st[2] + ox * st[3],
+              (x - a.mean[k][c]) * a.inv_std[k][c]);
+      }
     }
   }
 }
@@ -95,10 +122,10 @@ __global__ void augment_mix_kernel(const AugmentMixArgs a) {
 }  // namespace
 
 cudaError_t launch_augment_mix(const AugmentMixArgs& a, cudaStream_t stream) {
-  const int threads = 256;
   const int64_t n = a.out_size * a.out_size;
-  const dim3 grid(static_cast<unsigned>((n + threads - 1) / threads), static_cast<unsigned>(a.batch));
-  augment_mix_kernel<<<grid, threads, 0, stream>>>(a);
+  const unsigned samples = static_cast<unsigned>(a.batch < kMaxGridY ? a.batch : kMaxGridY);
+  const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), samples);
+  augment_mix_kernel<<<grid, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -5,11 +5,13 @@
 
 #include <cstdint>
 
+#include "../limits.h"
+
 namespace hello_fast {
 namespace cuda {
 
-constexpr int kMaxViews = 4;
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum MixCode : int { kNoMix = 0, kMixup = 1, kCutmix = 2 };  // the values of hello_fast::MixMode
 
 struct AugmentMixArgs {
   const uint8_t* src;
@@ -21,9 +23,8 @@ struct AugmentMixArgs {
   const int64_t* partner;
   const float* lam;
   const int64_t* cut;  // (B, 4): top, left, bottom, right
-  float* lam_eff;
   int64_t batch, out_size;
-  int mode;  // 0 none, 1 mixup, 2 cutmix
+  int mode;  // MixCode
   int num_views;
   void* view[kMaxViews];
   int view_dtype[kMaxViews];
@@ -39,8 +40,8 @@ struct SoftLabelLossArgs {
   const void* target;   // (B, C) or null, row stride t_row
   int dtype;            // of student, target and grad
   int64_t s_row, t_row;
-  const int64_t* hard;
-  const int64_t* partner;
+  const int64_t* hard;     // (B,)
+  const int64_t* partner;  // (B,)
   const float* lam;
   float* rows;  // (B, 2): main and ce term of each row
   void* grad;   // (B, C) contiguous, or null

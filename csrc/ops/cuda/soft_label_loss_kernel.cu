@@ -1,7 +1,10 @@
 // CUDA kernel of hello_fast::soft_label_loss(_with_grad): one block per row. Pass 1 reduces the row's max and
 // sums of exponentials (s/T, t/T and s); pass 2 accumulates the loss terms and writes d loss / d s.
+// The Python op checks the labels and raises before launching; the kernel still never reads outside its inputs:
+// a row whose hard label or partner is out of range (reachable only from C++) gets NaN terms and gradient.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math.h>
 
 #include <cfloat>
 
@@ -83,9 +86,15 @@ __global__ void soft_label_loss_kernel(const SoftLabelLossArgs a) {
   int64_t h = 0, hp = 0;
   float lam = 1.f;
   if (a.with_ce) {
-    lse_1 = row_lse(s, C, 1.f, shared);
+    const int64_t pb = a.partner[b];
     h = a.hard[b];
-    hp = a.hard[a.partner[b]];
+    hp = pb >= 0 && pb < B ? a.hard[pb] : -1;
+    if (h < 0 || h >= C || hp < 0 || hp >= C) {  // the same for every thread of the block: all return here
+      for (int64_t c = threadIdx.x; g && c < C; c += kThreads) g[c] = from_f<T>(nanf(""));
+      if (threadIdx.x == 0) a.rows[2 * b] = a.rows[2 * b + 1] = nanf("");
+      return;
+    }
+    lse_1 = row_lse(s, C, 1.f, shared);
     lam = a.lam[b];
   }
   const float k_mse = 2.f / (static_cast<float>(B) * C), k_kl = a.inv_t / B, k_ce = a.beta / B;
