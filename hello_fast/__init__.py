@@ -8,6 +8,8 @@ _extension.check_present()
 # the public API, imported on first use (so `hello-fast --help` does not pay for torch)
 _LAZY = {
     "Relabeler": "hello_fast.relabel",
+    "RelabelMix": "hello_fast.relabel_mix",
+    "RelabelMixLoss": "hello_fast.relabel_mix",
     "Pipeline": "hello_fast.pipeline",
     "load_config": "hello_fast.config",
     "load_projector": "hello_fast.projector.artifact",

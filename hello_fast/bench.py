@@ -11,9 +11,12 @@ Loops, all training the same student on the same resident set of distilled image
 - floor: labels precomputed in memory, batches pre-made: the student step alone.
 `labeling_overhead` = (fast step - floor step) / projector forward (the Relabeler alone at that
 batch): 1.0 means labeling costs exactly the projector's forward, nothing more.
+Each loop builds its own labeler from the same unmerged fp32 projector (`_Setup.labeler`): the
+Relabeler merges and casts a copy, so the naive loop really runs the unmerged fp32 projector.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -73,6 +76,25 @@ class _Setup:
         self.meta = {"class_names": [f"c{i}" for i in range(self.C)], "image_size": backbone.image_size,
                      "mean": list(backbone.mean), "std": list(backbone.std)}
         self.width = args.width if args.student == "resnet18" else None
+
+    def labeler(self, kind: str):
+        """A labeler of its own for one loop, built from the unmerged fp32 projector (never changed).
+
+        `fast`: a merged (bf16 + channels-last on a GPU) Relabeler; `naive`: the plain projector,
+        unmerged, fp32; `teacher`: a fresh ResNet-18.
+        """
+        from hello_fast import labels
+
+        if kind == "fast":
+            return labels.ProjectorLabels(self.projector, self.meta, 0, device=self.device, fast=True, capture=self.args.capture)
+        if kind == "naive":
+            projector = copy.deepcopy(self.projector).to(self.device, torch.float32).eval()
+            if any(m.merged for _, m in projector.lora_modules()):
+                raise RuntimeError("bench: the naive loop's projector must be unmerged")
+            return projector
+        if kind == "teacher":
+            return build_model("resnet18", self.C, self.args.res, self.width).to(self.device)
+        raise ValueError(kind)
 
     def student(self, fast: bool):
         torch.manual_seed(0)
@@ -165,9 +187,9 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
     norms = [(IMAGENET_MEAN, IMAGENET_STD)]
     if labeler == "projector":
         norms.append((tuple(s.meta["mean"]), tuple(s.meta["std"])))
-        teacher = s.projector.to(s.device).eval()
+        teacher = s.labeler("naive")
     else:
-        teacher = build_model("resnet18", s.C, s.args.res, s.width).to(s.device).eval()
+        teacher = s.labeler("teacher").eval()
     workers = max(1, min(16, os.cpu_count() or 1))
     loader = torch.utils.data.DataLoader(_CpuAugmented(s.images, s.labels, s.args.res, norms), batch_size=s.args.batch,
                                          shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True,
@@ -211,25 +233,24 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
 
 def run(args) -> dict:
     from hello_fast import labels
-    from hello_fast.relabel import Relabeler
     from hello_fast.stages import student as st
 
     s = _Setup(args)
     log(f"bench student-loop: {args.student} student, {args.projector} projector, batch {args.batch}, {args.res} px, on {s.device}")
     step_s = {}
-    relabel = labels.ProjectorLabels(s.projector, s.meta, 0, device=s.device, fast=True, capture=args.capture)
+    relabel = s.labeler("fast")
     step_s["fast"] = _fast_loop(s, relabel, args.steps)
-    teacher_model = build_model("resnet18", s.C, args.res, s.width).to(s.device)
-    step_s["fast_teacher"] = _fast_loop(s, labels.TeacherLabels([teacher_model], 0, fast=True), args.steps)
+    step_s["fast_teacher"] = _fast_loop(s, labels.TeacherLabels([s.labeler("teacher")], 0, fast=True), args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         from hello_fast.config import load_config
 
         cfg = load_config("digits", [f"student.batch_size={args.batch}", f"data.image_size={args.res}", "data.flip=true",
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)
-        stored = labels.StoredLabels.write(tmp, s.resident, relabel, st.schedule_of(cfg, len(s.resident)), out_size=args.res,
+        writer = s.labeler("fast")
+        stored = labels.StoredLabels.write(tmp, s.resident, writer, st.schedule_of(cfg, len(s.resident)), out_size=args.res,
                                            scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0,
-                                           views=st.views_for(relabel, s.device, True))
+                                           views=st.views_for(writer, s.device, True))
         step_s["stored"] = _fast_loop(s, stored, args.steps)
     step_s["floor"] = _floor(s, args.steps)
     step_s["naive"] = _cpu_loop(s, "projector", args.steps)
@@ -244,7 +265,11 @@ def run(args) -> dict:
         "device_name": torch.cuda.get_device_name() if s.device.type == "cuda" else (platform.processor() or platform.machine()),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # a shared machine's timings mean little when this is high
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "out")},
+        "labelers": {"fast": "merged Relabeler (its own copy of the projector; bf16 channels-last on a GPU)",
+                     "naive": "the unmerged fp32 projector (its own copy)", "stored": "a merged Relabeler of its own",
+                     "fast_teacher": "a ResNet-18 of its own", "rded_teacher": "a ResNet-18 of its own, fp32"},
         "loops": loops,
         "projector_forward_ms": round(projector_ms, 3),
         "labeling_overhead": round(overhead, 3),

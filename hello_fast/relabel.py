@@ -6,8 +6,12 @@
 At load the LoRA is merged into the weights (the labels cost one plain forward of the CLIP tower),
 the tower runs in bf16 and channels-last on a GPU (fp32 on the CPU), and `capture=True` records
 the forward in a CUDA graph per batch shape (static shapes replay without launch gaps).
+A projector handed to `Relabeler(projector, meta)` is left as it was: the relabeler merges and
+casts its own copy.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,11 @@ from hello_fast.errors import HelloError
 
 class Relabeler:
     def __init__(self, projector, meta: dict, *, device=None, dtype=None, capture: bool = False):
+        """Label with `projector` (a Projector); the caller's projector is not changed (its copy is merged and cast)."""
+        self._adopt(copy.deepcopy(projector), meta, device, dtype, capture)
+
+    def _adopt(self, projector, meta: dict, device, dtype, capture: bool) -> None:
+        """Take ownership of `projector`: merge its LoRA, freeze it and cast it for labeling (in place)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -45,7 +54,9 @@ class Relabeler:
         from hello_fast.projector.artifact import load_projector
 
         projector, meta = load_projector(path, clip_pretrained=backbone_weights, device="cpu")
-        return cls(projector, meta, device=device, dtype=dtype, capture=capture)
+        relabel = cls.__new__(cls)
+        relabel._adopt(projector, meta, device, dtype, capture)  # a projector nobody else holds: no copy
+        return relabel
 
     @property
     def class_names(self) -> list[str]:

@@ -1,16 +1,22 @@
-"""The README's Relabeler example runs as written, in a plain torchvision loop on a distilled image folder."""
+"""The README's examples run as written on a distilled image folder: the Relabeler in a torchvision loop, RelabelMix in a timm loop."""
 import os
 import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "relabel_in_your_loop.py")
+EXAMPLES = {"torchvision": os.path.join(ROOT, "examples", "relabel_in_your_loop.py"),
+            "timm": os.path.join(ROOT, "examples", "relabel_mix_timm.py")}
 
 
-def test_example_trains_with_online_labels(tiny_run):
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_example_trains_with_online_labels(tiny_run, example):
+    if example == "timm":
+        pytest.importorskip("timm")
     run, _ = tiny_run
-    out = subprocess.run([sys.executable, EXAMPLE, os.path.join(run, "projector", "artifact.safetensors"),
+    out = subprocess.run([sys.executable, EXAMPLES[example], os.path.join(run, "projector", "artifact.safetensors"),
                           os.path.join(run, "select", "images"), "2"], capture_output=True, text=True,
                          env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -18,8 +24,9 @@ def test_example_trains_with_online_labels(tiny_run):
     assert len(losses) == 2 and all(l == l and l >= 0 for l in losses)  # finite KL values
 
 
-def test_readme_shows_the_example():
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_readme_shows_the_example(example):
     readme = open(os.path.join(ROOT, "README.md")).read()
-    code = open(EXAMPLE).read()
+    code = open(EXAMPLES[example]).read()
     body = code.split('"""', 2)[2].strip()
-    assert body in readme, "README's Relabeler example is out of date with examples/relabel_in_your_loop.py"
+    assert body in readme, f"README's {example} example is out of date with {os.path.relpath(EXAMPLES[example], ROOT)}"
