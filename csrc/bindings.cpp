@@ -3,6 +3,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_dispatch.h"
+
 TORCH_LIBRARY(hello_fast, m) {
   // ops are declared with TORCH_LIBRARY_FRAGMENT in csrc/ops/<op>.cpp
 }
@@ -17,4 +19,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   }, "Whether the CUDA kernels were compiled into this build");
   m.def("parallel_info", []() { return at::get_parallel_info(); }, "ATen's CPU threading configuration");
+  m.def("cpu_capability", []() { return std::string(hello_fast::cpu_dispatch::capability_name(hello_fast::cpu_dispatch::chosen())); },
+        "The build of the CPU kernels this process runs: 'avx2' or 'default' (HELLO_FAST_CPU_CAPABILITY can lower it)");
+  m.def("cpu_capabilities", &hello_fast::cpu_dispatch::compiled, "The builds of the CPU kernels compiled in");
 }

@@ -53,10 +53,6 @@ def load():
         except ImportError as e:  # absent, or built against another torch
             _error = str(e).splitlines()[0]
             _warn(_error)
-        else:
-            from hello_fast.ops import _registrations
-
-            _registrations.register()
     return _module
 
 

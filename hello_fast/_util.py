@@ -8,15 +8,9 @@ import random
 import numpy as np
 import torch
 
+from hello_fast._io import atomic_path
 from hello_fast.errors import HelloError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HelloError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
+from hello_fast.models.students import build_model
 
 
 def seed_everything(seed: int) -> None:
@@ -42,7 +36,6 @@ def save_model(path: str, model: torch.nn.Module, meta: dict) -> int:
     """A network's state dict as safetensors with JSON metadata, written atomically; returns bytes."""
     from safetensors.torch import save
 
-    from hello_fast._io import atomic_path
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = save(state, metadata={"hello_fast": json.dumps(meta, sort_keys=True)})
@@ -70,8 +63,6 @@ def load_model_file(path: str) -> tuple[dict, dict]:
 
 def load_network(path: str, device) -> tuple[torch.nn.Module, dict]:
     """Rebuild a teacher/student network saved by save_model."""
-    from hello_fast.models.students import build_model
-
     state, meta = load_model_file(path)
     for key in ("arch", "num_classes", "image_size"):
         if key not in meta:

@@ -26,9 +26,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
+from hello_fast import _progress, labels
 from hello_fast._progress import log
+from hello_fast.config import load_config
+from hello_fast.data.resident import ResidentSet
+from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
+from hello_fast.ops import soft_label_loss
+from hello_fast.projector.model import build_projector
+from hello_fast.stages import student as st
 
 
 def _sync(device):
@@ -53,10 +61,6 @@ def _time_steps(step, steps: int, device, warmup: int = 2) -> float:
 
 class _Setup:
     def __init__(self, args):
-        from hello_fast.data.resident import ResidentSet
-        from hello_fast.models.clip import load_clip
-        from hello_fast.projector.model import build_projector
-
         self.args = args
         self.device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.C = args.classes
@@ -83,8 +87,6 @@ class _Setup:
         `fast`: a merged (bf16 + channels-last on a GPU) Relabeler; `naive`: the plain projector,
         unmerged, fp32; `teacher`: a fresh ResNet-18.
         """
-        from hello_fast import labels
-
         if kind == "fast":
             return labels.ProjectorLabels(self.projector, self.meta, 0, device=self.device, fast=True, capture=self.args.capture)
         if kind == "naive":
@@ -105,11 +107,6 @@ class _Setup:
 
 
 def _fast_loop(s: _Setup, source, steps: int) -> float:
-    from hello_fast import _progress
-    from hello_fast.config import load_config
-    from hello_fast.ops import soft_label_loss
-    from hello_fast.stages import student as st
-
     cfg = load_config("digits", [f"student.batch_size={s.args.batch}", f"data.image_size={s.args.res}", "data.flip=true"])
     views = st.views_for(source, s.device, True)
     model, opt = s.student(True)
@@ -139,8 +136,6 @@ def _fast_loop(s: _Setup, source, steps: int) -> float:
 
 def _floor(s: _Setup, steps: int) -> float:
     """The student step alone: batches and labels made beforehand, held in memory."""
-    from hello_fast.ops import soft_label_loss
-
     model, opt = s.student(True)
     use_amp = s.device.type == "cuda"
     B, R = s.args.batch, s.args.res
@@ -167,8 +162,6 @@ class _CpuAugmented(torch.utils.data.Dataset):
     """The peers' data path: torchvision RandomResizedCrop + flip per image on the CPU."""
 
     def __init__(self, images, labels, res, normalize_for):
-        from torchvision.transforms import v2
-
         self.images, self.labels = images, labels
         self.tf = v2.Compose([v2.RandomResizedCrop(res, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                               v2.ToDtype(torch.float32, scale=True)])
@@ -232,9 +225,6 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
 
 
 def run(args) -> dict:
-    from hello_fast import labels
-    from hello_fast.stages import student as st
-
     s = _Setup(args)
     log(f"bench student-loop: {args.student} student, {args.projector} projector, batch {args.batch}, {args.res} px, on {s.device}")
     step_s = {}
@@ -242,8 +232,6 @@ def run(args) -> dict:
     step_s["fast"] = _fast_loop(s, relabel, args.steps)
     step_s["fast_teacher"] = _fast_loop(s, labels.TeacherLabels([s.labeler("teacher")], 0, fast=True), args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        from hello_fast.config import load_config
-
         cfg = load_config("digits", [f"student.batch_size={args.batch}", f"data.image_size={args.res}", "data.flip=true",
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)

@@ -16,7 +16,9 @@ import zipfile
 import numpy as np
 import torch
 
+from hello_fast import distributed
 from hello_fast._io import atomic_path
+from hello_fast._progress import log
 from hello_fast.errors import HelloError
 
 NAME = "checkpoint.pt"
@@ -76,7 +78,6 @@ class StageCheckpoint:
         if not os.path.isfile(self.path):
             return None
         state = load_checkpoint(self.path)
-        from hello_fast._progress import log
 
         log(f"{self.stage}: resuming from the checkpoint after epoch {state['epoch']} ({self.path})")
         return state
@@ -90,8 +91,6 @@ class StageCheckpoint:
         return state["epoch"] + 1
 
     def save(self, state: dict, epoch: int, last_epoch: int) -> None:
-        from hello_fast import distributed
-
         if self.every and epoch % self.every == 0 and epoch < last_epoch and distributed.world().main:
             save_checkpoint(self.path, dict(state, epoch=epoch, rng=rng_state()))
 

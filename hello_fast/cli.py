@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from hello_fast import config
+
 DESCRIPTION = """\
 HeLlO dataset distillation with online soft labels: a LoRA-adapted CLIP projector replaces
 gigabytes of stored soft labels with a ~3 MB label artifact.
@@ -29,6 +31,7 @@ examples:
   hello-fast student --out runs/digits --set student.loss=kl --set student.temperature=4
   hello-fast inspect runs/digits/projector/artifact.safetensors
   hello-fast storage --config imagenet1k-ipc10 --json
+  hello-fast config --config imagenet1k-ipc10          # every key, its value and what it does
 """
 
 STAGE_HELP = {
@@ -41,23 +44,43 @@ STAGE_HELP = {
 }
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+# CLI flags that are aliases of `--set KEY=VALUE`: their choices and help come from the config's declaration
+_ALIASES = {"--device": "device", "--seed": "seed", "--loader": "data.loader", "--log-dir": "log_dir",
+            "--log-steps": "log_steps"}
+_STUDENT_ALIASES = {"--augment": "student.augment", "--artifact": "student.artifact",
+                    "--artifact-weights": "student.artifact_weights"}
+
+
+def _alias(g, flag: str, key: str) -> None:
+    """One `--flag VALUE` standing for `--set KEY=VALUE`, typed and documented by the option's declaration."""
+    o = config.option(key)
+    dest = "alias:" + key
+    help_text = f"{o.help} (= --set {key}=...)"
+    if o.type_name() == "bool":
+        g.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=f"{o.help} (= --set {key}=true)")
+    elif o.choices:
+        g.add_argument(flag, dest=dest, choices=o.choices, help=help_text)
+    elif "int" in o.type_name().split(" | "):
+        g.add_argument(flag, dest=dest, type=int, metavar="N", help=help_text)
+    else:
+        g.add_argument(flag, dest=dest, metavar="PATH" if o.meta["path"] else "VALUE", help=help_text)
+
+
+def _common(p: argparse.ArgumentParser, aliases: dict) -> None:
     g = p.add_argument_group("run options")
     g.add_argument("--config", metavar="PRESET|FILE",
-                   help="a preset (digits, imagenet1k-ipc10, imagenet100-ipc10, places365-ipc10) or a YAML file; "
+                   help=f"a preset ({', '.join(config.preset_names())}) or a YAML file; "
                         "default: the run directory's config.yaml if there is one, else digits")
-    g.add_argument("--data", metavar="DIR", help="an ImageNet-style folder (train/<class>/*, val/<class>/*): overrides the config's data")
+    g.add_argument("--data", metavar="DIR", help="your own ImageNet-style folder (train/<class>/*, val/<class>/*, or "
+                   "<class>/*): it replaces the config's data and defines the classes (count, order, names)")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory (default: runs/<config name>)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to compute (default: the config's, auto)")
-    g.add_argument("--loader", choices=("auto", "dali", "torch"),
-                   help="how passes over an image folder decode and augment: dali (NVIDIA DALI, on the GPU when "
-                        "computing there, else its CPU pipeline), torch (torchvision in DataLoader workers), auto "
-                        "(default: dali when installed and the data are files)")
-    g.add_argument("--seed", type=int, help="the random seed (same seed, same result)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set student.epochs=50 (repeatable)")
+                   help="override one config value, e.g. --set student.epochs=50 (repeatable; "
+                        "`hello-fast config` lists every key)")
     g.add_argument("--force", action="store_true", help="redo the stage(s) even if finished with this config")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    for flag, key in aliases.items():
+        _alias(g, flag, key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,16 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in ("distill", "teachers", "select", "projector", "refine", "student"):
         p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
-        _common(p)
-        if name in ("distill", "student"):
-            p.add_argument("--augment", choices=("fused", "dali"),
-                           help="how the student loop augments the distilled set: fused (resident uint8 set and "
-                                "the augment_mix kernel, default) or dali (a DALI pipeline, CutMix/Mixup after)")
-            g = p.add_argument_group("labels from another artifact")
-            g.add_argument("--artifact", metavar="FILE", help="label the projector students with this label artifact "
-                           "instead of the run's own (its class count must match the data)")
-            g.add_argument("--artifact-weights", metavar="FILE", help="a local CLIP checkpoint for that artifact's "
-                           "backbone, when its recorded weights are not in the cache here (the sha256 must match)")
+        _common(p, dict(_ALIASES, **(_STUDENT_ALIASES if name in ("distill", "student") else {})))
     p = sub.add_parser("inspect", help="print a label artifact's metadata and size, and validate it",
                        description="Print a label artifact's metadata and size, and validate it (format, checksum, "
                                    "shapes). Exits non-zero if the file is not a valid artifact.")
@@ -91,7 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(with the augmentation parameters), and the RDED teacher network.")
     p.add_argument("--config", metavar="PRESET|FILE", default="digits", help="a preset or YAML file (default: digits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--json", action="store_true", help="print JSON with keys artifact_bytes, sre2l_soft_label_bytes, teacher_bytes")
+    p.add_argument("--json", action="store_true", help="print JSON with keys artifact_bytes (configured dtype), artifact_bytes_fp16, "
+                   "artifact_bytes_int8, backbone_bytes, sre2l_soft_label_bytes, teacher_bytes")
+    p = sub.add_parser("config", help="every config key of a preset or file: its value, type and what it does",
+                       description="Print a config (a preset or YAML file, with --set overrides) as YAML with every key's "
+                                   "type and help; keys marked result-neutral never make a finished stage stale.")
+    p.add_argument("--config", metavar="PRESET|FILE", default="digits", help="a preset or YAML file (default: digits)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     _bench_parser(sub)
     return parser
 
@@ -123,24 +143,15 @@ def _bench_parser(sub) -> None:
 
 
 def _load_cfg(args):
-    from hello_fast.config import load_config
-
     spec = args.config
     if spec is None and args.out and os.path.isfile(os.path.join(args.out, "config.yaml")):
         spec = os.path.join(args.out, "config.yaml")
-    cfg = load_config(spec or "digits", args.overrides, seed=args.seed, device=args.device)
-    if args.data:
-        cfg.data.source = "folder"
-        cfg.data.root = args.data
-    if getattr(args, "loader", None):
-        cfg.data.loader = args.loader
-    if getattr(args, "augment", None):
-        cfg.student.augment = args.augment
-    if getattr(args, "artifact", None):
-        cfg.student.artifact = os.path.abspath(args.artifact)
-    if getattr(args, "artifact_weights", None):
-        cfg.student.artifact_weights = os.path.abspath(args.artifact_weights)
-    return cfg
+    overrides = list(args.overrides)
+    for dest, value in vars(args).items():  # the flags, as the overrides they stand for (after --set)
+        if dest.startswith("alias:") and value is not None:
+            key = dest[len("alias:"):]
+            overrides.append((key, os.path.abspath(value) if config.option(key).meta["path"] else value))
+    return config.load_config(spec or "digits", overrides, data_root=os.path.abspath(args.data) if args.data else None)
 
 
 def _cmd_stage(args) -> int:
@@ -184,34 +195,45 @@ def _cmd_inspect(args) -> int:
     print(f"label artifact  {info['path']}  (valid)")
     print(f"size            {info['bytes']:,} bytes ({format_bytes(info['bytes'])})")
     print(f"format          version {info['format_version']}, {info['created_by']}")
-    print(f"backbone        {b['model']}, weights {b.get('pretrained') or 'random init (seed ' + str(b.get('init_seed')) + ')'}, sha256 {b['weights_sha256'][:16]}…")
+    print(f"backbone        {b['model']}, weights {b.get('pretrained') or 'random init (seed ' + str(b.get('init_seed')) + ')'}, "
+          f"{b.get('activation') or 'activation not recorded (format 1)'}, sha256 {b['weights_sha256'][:16]}…")
     print(f"classes         {info['num_classes']}: {', '.join(shown)}{' …' if len(shown) < len(names) else ''}")
     print(f"prompts         {info['templates']} templates")
-    print(f"LoRA            {info['lora_layers']} layers; ranks conv {info['conv_rank']}, linear {info['linear_rank']}, head {info['head_rank']}; alpha {info['alpha']}")
+    print(f"LoRA            {info['lora_layers']} layers; ranks conv {info['conv_rank']}, linear {info['linear_rank']}, head {info['head_rank']}; alpha {info['alpha']}; stored as {info['dtype']}")
     p = info["parameters"]
     print(f"parameters      {p['total']:,} (tower {p['tower']:,}, head {p['head']:,})")
     print(f"input           {info['image_size']} px, mean {info['mean']}, std {info['std']}")
     return 0
 
 
+def _cmd_config(args) -> int:
+    print(config.describe(config.load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _cmd_storage(args) -> int:
-    from hello_fast.config import load_config
     from hello_fast.storage import format_bytes, storage_report
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config.load_config(args.config, args.overrides)
     r = storage_report(cfg)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     print(f"label storage for {r['config']}: {r['num_classes']} classes, {r['distilled_images']} distilled images, "
           f"{r['student_epochs']} student epochs")
-    rows = [("HeLlO label artifact (LoRA)", r["artifact_bytes"]),
+    rows = [(f"HeLlO label artifact ({r['artifact_dtype']})", r["artifact_bytes"]),
+            *[(f"  same in {d}", r[f"artifact_bytes_{d}"]) for d in ("fp32", "fp16", "int8") if d != r["artifact_dtype"]],
             ("SRe2L stored soft labels", r["sre2l_soft_label_bytes"]),
-            ("RDED teacher (ResNet-18)", r["teacher_bytes"])]
+            ("RDED teacher (ResNet-18)", r["teacher_bytes"]),
+            (f"CLIP backbone, {r['backbone']}", r["backbone_bytes"])]
     for name, n in rows:
-        print(f"  {name:<30} {n:>16,} bytes  {format_bytes(n):>14}")
+        print(f"  {name:<36} {n:>16,} bytes  {format_bytes(n):>14}")
     ratio = r["sre2l_soft_label_bytes"] / r["artifact_bytes"]
     print(f"  the artifact is {ratio:,.0f}x smaller than the stored labels ({100 / ratio:.4f}%)")
+    print("  the CLIP backbone (both towers, 2 bytes a weight; image tower alone "
+          f"{format_bytes(r['backbone_image_tower_bytes'])}) is "
+          + ("public: downloaded once and shared by every artifact" if r["backbone_downloaded"]
+             else "a seeded random init here: rebuilt from the seed, nothing to download"))
     if not r["artifact_metadata_exact"]:
         print("  (artifact metadata counted with placeholder class names: the data's names may differ by a few bytes)")
     return 0
@@ -231,6 +253,8 @@ def main(argv=None) -> int:
             return _cmd_inspect(args)
         if args.command == "storage":
             return _cmd_storage(args)
+        if args.command == "config":
+            return _cmd_config(args)
         if args.command == "bench":
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])

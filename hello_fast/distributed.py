@@ -15,8 +15,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from hello_fast.errors import HelloError
+
+
+def resolve_device(name: str) -> torch.device:
+    """A device name (auto, cpu, cuda) as the device a single-process run computes on."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HelloError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
 
 
 @dataclass
@@ -42,8 +52,6 @@ def setup(device_name: str) -> tuple[World, torch.device]:
     global _world
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
-        from hello_fast._util import resolve_device
-
         _world = World()
         return _world, resolve_device(device_name)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -113,7 +121,6 @@ def data_parallel(model: torch.nn.Module, device, *, frozen_backbone: bool = Fal
     """
     if not _world.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     kwargs = {"broadcast_buffers": not frozen_backbone}
     if device.type == "cuda":

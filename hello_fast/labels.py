@@ -15,9 +15,15 @@ import os
 
 import torch
 
+from hello_fast import distributed
+from hello_fast._io import atomic_path, write_json
+from hello_fast._progress import log, progress
 from hello_fast.errors import HelloError
-
-SOURCES = ("hard", "teacher", "projector", "stored")
+from hello_fast.projector.artifact import load_projector
+from hello_fast.relabel import Relabeler
+from hello_fast.stages import student as st
+from hello_fast.stages.projector import artifact_path
+from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
 
 class LabelSource:
@@ -52,10 +58,7 @@ class TeacherLabels(LabelSource):
     def __call__(self, batch):
         x = batch.views[0]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.fast):
-            out = self.teachers[0](x).float()
-            for t in self.teachers[1:]:
-                out += t(x).float()
-        return out / len(self.teachers)
+            return mean_teacher_logits(self.teachers, x)
 
 
 class ProjectorLabels(LabelSource):
@@ -65,8 +68,6 @@ class ProjectorLabels(LabelSource):
     needs_clip_view = True
 
     def __init__(self, projector, meta: dict, label_bytes: int, *, device, fast: bool = True, capture: bool = False):
-        from hello_fast.relabel import Relabeler
-
         self.label_bytes = label_bytes
         self.fast = fast
         self.meta = meta
@@ -131,7 +132,8 @@ class StoredLabels(LabelSource):
 
         data = load_file(os.path.join(self.directory, f"epoch_{epoch:04d}.safetensors"))
         for step in range(int(data["steps"].item())):
-            p = {k: data[f"{step}.{k}"].to(self.device) for k in ("crop", "flip", "partner", "lam", "cut")}
+            p = {k: data[f"{step}.{k}"].to(self.device) for k in ("crop", "flip", "partner", "lam", "cut", "shuffle")
+                 if f"{step}.{k}" in data}  # shuffle: only with ShufflePatches
             yield data[f"{step}.index"].to(self.device), p, data[f"{step}.logits"].to(self.device).float()
 
     def __call__(self, batch):
@@ -147,7 +149,6 @@ class StoredLabels(LabelSource):
         """
         from safetensors.torch import save_file
 
-        from hello_fast._io import atomic_path, write_json
 
         os.makedirs(directory, exist_ok=True)
         epochs = range(1, schedule["epochs"] + 1)
@@ -167,3 +168,37 @@ class StoredLabels(LabelSource):
                 save_file(tensors, tmp)
         write_json(os.path.join(directory, cls.INDEX), schedule)
         return cls(directory, resident.device)
+
+
+def label_source(source: str, cfg, run, distilled, out_dir: str, device, train_set) -> LabelSource:
+    """The label source a student of `source` trains with, built from a run's finished stages.
+
+    `stored` labels the whole schedule once with the weak teachers into `out_dir/labels` (SRe2L's
+    scheme) and replays it; `projector` loads `student.artifact` or the run's own artifact.
+    """
+    sc = cfg.student
+    fast = sc.loop == "fast"
+    if source == "hard":
+        return HardLabels(len(distilled))
+    if source in ("teacher", "stored"):
+        summary = run.done("teachers")["summary"]
+        teachers = TeacherLabels(load_teachers(run, device), sum(summary["bytes"].values()), fast=fast)
+        if source == "teacher":
+            return teachers
+        folder = os.path.join(out_dir, "labels")
+        schedule = st.schedule_of(cfg, len(distilled))
+        if distributed.world().main and not StoredLabels.complete(folder, schedule):
+            resident = st.resident_set(cfg, distilled, device)
+            StoredLabels.write(folder, resident, teachers, schedule, out_size=cfg.data.image_size, scale=sc.scale,
+                               flip=cfg.data.flip, mix=sc.mix, alpha=sc.mix_alpha,
+                               views=st.views_for(teachers, device, fast), progress=progress)
+        distributed.barrier()
+        return StoredLabels(folder, device)
+    if source != "projector":
+        raise HelloError(f"unknown label source {source!r}")
+    path = sc.artifact or artifact_path(run)
+    projector, meta = load_projector(path, num_classes=train_set.num_classes, device="cpu", clip_pretrained=sc.artifact_weights)
+    if meta["class_names"] != train_set.class_names:
+        log(f"student: note: {path} names its classes {meta['class_names'][:3]}..., the data {train_set.class_names[:3]}...; "
+            "labels follow the artifact's class order")
+    return ProjectorLabels(projector, meta, os.path.getsize(path), device=device, fast=fast, capture=sc.capture)

@@ -12,14 +12,36 @@ import hashlib
 import os
 import time
 
-from hello_fast import distributed
-from hello_fast._progress import log, progress
+from hello_fast import distributed, labels
+from hello_fast._progress import log
 from hello_fast._util import seed_everything
-from hello_fast.config import Config, save_config
+from hello_fast.config import Config, is_checkpoint_path, save_config
+from hello_fast.data.distilled import load_distilled
+from hello_fast.data.loader import resolve_loader
+from hello_fast.data.sources import load_splits
+from hello_fast.data.validate import CACHE_NAME, images_summary
 from hello_fast.errors import HelloError
+from hello_fast.projector.artifact import read_artifact
 from hello_fast.rundir import RunDir
+from hello_fast.stages import select as sel
+from hello_fast.stages import student as st
+from hello_fast.stages.projector import artifact_path, train_projector
+from hello_fast.stages.refine import refine_images
+from hello_fast.stages.report import write_report
+from hello_fast.stages.select import file_sha256
+from hello_fast.stages.teachers import train_teachers, trains_full
+from hello_fast.storage import storage_report
 
 STAGES = ("teachers", "select", "projector", "refine", "student")
+# the config options each stage reads (a section: its options less the result-neutral ones; -key: left out).
+# One student (one label source) does not read the list of sources, nor another source's artifact.
+_OPTIONS = {
+    "teachers": ("data", "teachers"),
+    "select": ("data", "select"),
+    "projector": ("data", "clip", "projector"),
+    "refine": ("refine",),
+    "student": ("data", "student", "-student.label_sources", "-student.artifact", "-student.artifact_weights"),
+}
 
 
 def _hash(*parts: str) -> str:
@@ -54,62 +76,75 @@ class Pipeline:
     # -- inputs -------------------------------------------------------------------------------
     def data(self):
         if self._data is None:
-            from hello_fast.data.sources import load_splits
 
-            self._data = load_splits(self.cfg.data, self.cfg.clip.class_names)
+            self._data = load_splits(self.cfg.data, self.cfg.clip.class_names, check_cache=self.run.path(CACHE_NAME))
             train, val = self._data
-            from hello_fast.data.loader import resolve_loader
 
             loader = resolve_loader(self.cfg.data.loader, train)
             where = f"; loader: {loader}" + (" (GPU)" if loader == "dali" and self.device.type == "cuda" else "")
             log(f"data: {len(train)} train / {len(val)} val images, {train.num_classes} classes ({self.cfg.data.source}{where})")
         return self._data
 
-    def _data_fp(self) -> str:
+    def _data_identity(self) -> str:
         train, val = self.data()
-        return _hash(self.cfg.section_hash("data"), train.identity(), val.identity())
+        return _hash(train.identity(), val.identity())
 
-    # -- fingerprints -------------------------------------------------------------------------
-    def fingerprint(self, stage: str, source: str | None = None) -> str:
+    # -- the stage graph ----------------------------------------------------------------------
+    def reads(self, stage: str, source: str | None = None) -> tuple[str, ...]:
+        """The finished stages whose outputs `stage` reads, from the config alone."""
         c = self.cfg
         if stage == "teachers":
-            return _hash("teachers", self._data_fp(), c.section_hash("teachers"))
+            return ()
         if stage == "projector":
-            return _hash("projector", self._data_fp(), c.section_hash("clip", "projector"), self._current("teachers"))
+            return ("teachers",)
         if stage == "select":
-            upstream = "" if c.select.method == "random" else self._current("teachers" if c.select.observer == "teacher" else "projector")
-            return _hash("select", self._data_fp(), c.section_hash("select"), upstream)
+            if c.select.method == "random" or is_checkpoint_path(c.select.observer):
+                return ()
+            return ("projector",) if c.select.observer == "projector" else ("teachers",)
         if stage == "refine":
-            return _hash("refine", c.section_hash("refine"), self._current("select"), self._current("projector"))
+            return ("select", "projector")
         if stage == "student":
-            parts = ["student", source, self._data_fp(), c.section_hash("student"), self._current(self._distilled_stage())]
+            inputs = [self._distilled_stage()]
             if source in ("teacher", "stored"):
-                parts.append(self._current("teachers"))
-            if source == "projector":
-                parts.append(self._artifact_identity() if c.student.artifact else self._current("projector"))
-            return _hash(*parts)
+                inputs.append("teachers")
+            if source == "projector" and not c.student.artifact:
+                inputs.append("projector")
+            return tuple(inputs)
         raise ValueError(stage)
 
-    def _artifact_identity(self) -> str:
-        from hello_fast.projector.artifact import read_artifact
+    def fingerprint(self, stage: str, source: str | None = None) -> str:
+        """Pure: the options the stage reads, the data's identity and its inputs' fingerprints; it runs nothing."""
+        parts = [stage, source or "", self.cfg.fingerprint(*_OPTIONS[stage])]
+        if stage != "refine":  # refinement reads the distilled images, not the original set
+            parts.append(self._data_identity())
+        parts += [self.fingerprint(up) for up in self.reads(stage, source)]
+        c = self.cfg
+        if stage == "teachers" and trains_full(c):
+            parts.append("full observer")  # the run then goes on to teachers.epochs
+        if stage == "select" and c.select.method == "rded" and is_checkpoint_path(c.select.observer):
+            parts.append(file_sha256(c.select.observer))
+        if stage == "student" and source == "projector" and c.student.artifact:
+            parts.append(self._artifact_identity())
+        return _hash(*parts)
 
+    def _artifact_identity(self) -> str:
         _, meta = read_artifact(self.cfg.student.artifact)
         return _hash(meta["tensors_sha256"], self.cfg.student.artifact_weights or "")
 
     def _distilled_stage(self) -> str:
         return "refine" if self.cfg.refine.enabled else "select"
 
-    def _current(self, stage: str) -> str:
-        """The fingerprint of a finished, current stage; in distill mode a missing one is made first."""
-        fp = self.fingerprint(stage) if stage != "student" else None
-        if self.run.is_current(stage, fp):
-            return fp
-        if self._auto:
-            getattr(self, stage)()
-            return fp
-        what = "has not run" if self.run.done(stage) is None else "is out of date with this config"
-        raise HelloError(f"the {stage} stage {what} in {self.run.root}: run `hello-fast {stage} --out {self.run.root}` "
-                         f"(or `hello-fast distill`) first")
+    def _require_inputs(self, stage: str, source: str | None = None) -> None:
+        """Every input of `stage` finished and current; in distill mode a missing one is made first."""
+        for up in self.reads(stage, source):
+            if self.run.is_current(up, self.fingerprint(up)):
+                continue
+            if self._auto:
+                getattr(self, up)()
+                continue
+            what = "has not run" if self.run.done(up) is None else "is out of date with this config"
+            raise HelloError(f"the {up} stage {what} in {self.run.root}: run `hello-fast {up} --out {self.run.root}` "
+                             f"(or `hello-fast distill`) first")
 
     def _timed(self, stage: str, summary: dict | None) -> dict | None:
         if summary is not None and "seconds" in summary:
@@ -130,44 +165,26 @@ class Pipeline:
         done = self._skip(stage, fp)
         if done is not None:
             return done
+        self._require_inputs(stage)
         seed_everything(self.cfg.seed)
         if on_main:
             return self._on_main(stage, lambda: self._timed(stage, work(fp)))
         return self._timed(stage, work(fp))
 
     def teachers(self) -> dict:
-        from hello_fast.stages.teachers import train_teachers
-
         return self._stage("teachers", lambda fp: train_teachers(self.cfg, self.data(), self.run, self.device, fp))
 
     def projector(self) -> dict:
-        from hello_fast.stages.projector import train_projector
-
         return self._stage("projector", lambda fp: train_projector(self.cfg, self.data(), self.run, self.device, fp))
 
     def select(self) -> dict:
-        from hello_fast.stages import select as sel
-        from hello_fast.stages.projector import artifact_path
-        from hello_fast.stages.teachers import observer_path
-
         def work(fp):
-            observer = None
-            if self.cfg.select.method == "rded":
-                if self.cfg.select.observer == "teacher":
-                    observer = sel.teacher_observer(observer_path(self.run), self.device, self.cfg.data.image_size)
-                else:
-                    from hello_fast.projector.artifact import load_projector
-
-                    projector, _ = load_projector(artifact_path(self.run), device=self.device)
-                    observer = sel.projector_observer(projector, self.cfg.data.image_size)
+            observer = sel.make_observer(self.cfg, self.run, self.device, self.data()[0].num_classes)
             return sel.select_images(self.cfg, self.data(), self.run, self.device, fp, observer)
 
         return self._stage("select", work, on_main=True)
 
     def refine(self) -> dict | None:
-        from hello_fast.stages.projector import artifact_path
-        from hello_fast.stages.refine import refine_images
-
         if not self.cfg.refine.enabled:
             log("refine: disabled in this config (refine.enabled: false), the selected images are used as they are")
             return None
@@ -176,9 +193,6 @@ class Pipeline:
 
     def student(self) -> dict:
         """Train one student per label source (each its own resumable unit); returns results."""
-        from hello_fast.data.distilled import load_distilled
-        from hello_fast.stages import student as st
-
         distilled_dir = self.run.path(self._distilled_stage())
         results = {}
         for source in self.cfg.student.label_sources:
@@ -188,55 +202,18 @@ class Pipeline:
             if done is not None:
                 results[source] = done
                 continue
+            self._require_inputs("student", source)
             _, val_set = self.data()
             distilled = load_distilled(distilled_dir)
             seed_everything(self.cfg.seed)
             summary = {}
             with self.run.stage(unit, fp, summary, collective=True) as out:
-                labeler = self._label_source(source, distilled, out)
+                labeler = labels.label_source(source, self.cfg, self.run, distilled, out, self.device, self.data()[0])
                 summary.update(st.train_student(self.cfg, distilled, val_set, labeler, self.device, out))
             results[source] = self._timed(unit, summary)
         return results
 
-    def _label_source(self, source: str, distilled, out_dir: str):
-        from hello_fast import labels
-        from hello_fast.stages import student as st
-        from hello_fast.stages.projector import artifact_path
-        from hello_fast.stages.teachers import load_teachers
-
-        sc = self.cfg.student
-        fast = sc.loop == "fast"
-        if source == "hard":
-            return labels.HardLabels(len(distilled))
-        if source in ("teacher", "stored"):
-            summary = self.run.done("teachers")["summary"]
-            teachers = labels.TeacherLabels(load_teachers(self.run, self.device), sum(summary["bytes"].values()), fast=fast)
-            if source == "teacher":
-                return teachers
-            # SRe2L-style: label the whole schedule once with the teachers, store it, replay it
-            folder = os.path.join(out_dir, "labels")
-            schedule = st.schedule_of(self.cfg, len(distilled))
-            if distributed.world().main and not labels.StoredLabels.complete(folder, schedule):
-                resident = st.resident_set(self.cfg, distilled, self.device)
-                labels.StoredLabels.write(folder, resident, teachers, schedule, out_size=self.cfg.data.image_size,
-                                          scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix, alpha=sc.mix_alpha,
-                                          views=st.views_for(teachers, self.device, fast), progress=progress)
-            distributed.barrier()
-            return labels.StoredLabels(folder, self.device)
-        from hello_fast.projector.artifact import load_projector
-
-        path = sc.artifact or artifact_path(self.run)
-        projector, meta = load_projector(path, num_classes=self.data()[0].num_classes, device="cpu",
-                                         clip_pretrained=sc.artifact_weights)
-        if meta["class_names"] != self.data()[0].class_names:
-            log(f"student: note: {path} names its classes {meta['class_names'][:3]}..., the data {self.data()[0].class_names[:3]}...; "
-                "labels follow the artifact's class order")
-        return labels.ProjectorLabels(projector, meta, os.path.getsize(path), device=self.device, fast=fast, capture=sc.capture)
-
     def report(self, students: dict) -> dict:
-        from hello_fast.stages.report import write_report
-        from hello_fast.storage import storage_report
-
         train, _ = self.data()
         storage = storage_report(self.cfg, train.num_classes, train.class_names)
         stages = {}
@@ -246,11 +223,17 @@ class Pipeline:
                 stages[s] = d["summary"]
         results = {
             "config": self.cfg.name,
+            "data": self.cfg.data.root if self.cfg.data.source == "folder" else self.cfg.data.source,
             "students": {k: {m: v[m] for m in ("top1_last", "top1_best", "label_bytes")} for k, v in students.items()},
-            "storage": {k: storage[k] for k in ("artifact_bytes", "sre2l_soft_label_bytes", "teacher_bytes")},
+            "storage": {k: storage[k] for k in ("artifact_bytes", "artifact_dtype", "artifact_bytes_fp16", "artifact_bytes_int8",
+                                                "sre2l_soft_label_bytes", "teacher_bytes", "backbone", "backbone_bytes",
+                                                "backbone_downloaded")},
             "stages": stages,
             "distilled_dir": self.run.path(self._distilled_stage()),
         }
+        images = images_summary(*self.data())  # the image check's counts (folder data)
+        if images is not None:
+            results["images"] = images
         if self.world.main:
             self._record_config()
             write_report(self.run, results)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast.errors import HelloError
+from hello_fast.projector.artifact import load_projector
 
 
 class Relabeler:
@@ -51,8 +52,6 @@ class Relabeler:
         `backbone_weights`: a local CLIP checkpoint (or tag) for the artifact's backbone when its
         recorded source is not available here; its sha256 must match the artifact's.
         """
-        from hello_fast.projector.artifact import load_projector
-
         projector, meta = load_projector(path, clip_pretrained=backbone_weights, device="cpu")
         relabel = cls.__new__(cls)
         relabel._adopt(projector, meta, device, dtype, capture)  # a projector nobody else holds: no copy

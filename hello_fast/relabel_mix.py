@@ -45,6 +45,7 @@ from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.ops import augment_mix, sample_augment_params, soft_label_loss
 from hello_fast.relabel import Relabeler
 from hello_fast.rundir import RunDir
+from hello_fast.stages.projector import artifact_path
 from hello_fast.stages.teachers import load_teachers
 
 MODES = ("batch", "pair", "elem")
@@ -146,8 +147,6 @@ class RelabelMix:
         """A RelabelMix labelling with a finished run's label artifact (`projector`) or weak teachers (`teacher`)."""
         run = RunDir(run_dir)
         if source == "projector":
-            from hello_fast.stages.projector import artifact_path  # imports open_clip
-
             path = artifact_path(run)
             if not os.path.isfile(path):
                 raise HelloError(f"{run.root} has no label artifact ({path}); run `hello-fast projector --out {run.root}` first")

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 
+from hello_fast import distributed
 from hello_fast._io import read_json, write_json
 
 
@@ -37,12 +38,6 @@ class RunDir:
         d = self.done(stage)
         return d is not None and d.get("fingerprint") == fingerprint
 
-    def fingerprint(self, stage: str) -> str:
-        d = self.done(stage)
-        if d is None:
-            raise FileNotFoundError(stage)
-        return d["fingerprint"]
-
     @contextlib.contextmanager
     def stage(self, stage: str, fingerprint: str, summary: dict, collective: bool = False):
         """Work in the stage's partial folder (yielded); on success it becomes RUN/<stage> with done.json.
@@ -52,8 +47,6 @@ class RunDir:
         the block ends. `collective`: every rank of a data-parallel run enters; rank 0 alone
         touches the files, the others wait for it at the boundaries.
         """
-        from hello_fast import distributed
-
         main = distributed.world().main
         partial = self.path(".partial", stage)
         marker = os.path.join(partial, ".fingerprint")

@@ -1,7 +1,14 @@
-"""Label storage of each scheme for a config: the projector artifact, SRe2L-style stored soft labels, the RDED teacher.
+"""Label storage of each scheme for a config: the projector artifact (and the CLIP backbone it needs), SRe2L-style stored soft labels, the RDED teacher.
 
 - artifact: the exact bytes of the label-artifact file the projector stage would write (LoRA
-  tensors in fp32 + metadata), built from the real backbone architecture (weights not needed);
+  tensors + metadata), built from the real backbone architecture (weights not needed), in the
+  configured dtype and in each of fp32, fp16 and int8 (one fp32 scale per output channel);
+- backbone: the public CLIP model the artifact runs on, downloaded once and shared by every
+  artifact and dataset: its weights at 2 bytes each (OpenAI publishes CLIP in half precision),
+  file headers not counted. Both towers count: the image tower makes every label, the text tower
+  rebuilds the zero-shot head from the class names (the artifact does not store it). The image
+  tower alone is reported beside it. A random-init backbone (the digits default) is rebuilt from
+  its seed: nothing to download, but its size is reported the same way;
 - SRe2L/FKD-style stored labels (Yin et al.): for every epoch and every augmented image, the fp16
   logits (C x 2 bytes), the crop coordinates (4 x fp32), the flip flag (1 byte) and the mix
   partner index (int64), plus per batch the mix lambda (fp32) and box (4 x int64);
@@ -14,7 +21,19 @@ import math
 
 import torch
 
+from hello_fast.data.sources import DIGIT_NAMES
+from hello_fast.models.clip import (
+    architecture_sha256,
+    expected_activation,
+    load_clip,
+    template_strings,
+)
+from hello_fast.models.students import build_model
+from hello_fast.projector.artifact import DTYPES, artifact_bytes, artifact_metadata
+from hello_fast.projector.model import build_projector
+
 MIB = 2**20
+_PUBLISHED_BYTES_PER_WEIGHT = 2  # OpenAI's CLIP releases are fp16
 
 
 def sre2l_soft_label_bytes(num_images: int, num_classes: int, epochs: int, batch_size: int) -> int:
@@ -27,10 +46,15 @@ def sre2l_soft_label_bytes(num_images: int, num_classes: int, epochs: int, batch
 def teacher_bytes(arch: str, num_classes: int, image_size: int, width: int | None) -> int:
     from safetensors.torch import save
 
-    from hello_fast.models.students import build_model
 
     model = build_model(arch, num_classes, image_size, width)
     return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+def weights_bytes(module: torch.nn.Module, bytes_per_float: int = _PUBLISHED_BYTES_PER_WEIGHT) -> int:
+    """Bytes of a module's parameters and persistent buffers, floats at `bytes_per_float` each."""
+    return sum(t.numel() * (bytes_per_float if t.is_floating_point() else t.element_size())
+               for t in module.state_dict().values())
 
 
 def _class_names(cfg, num_classes: int) -> tuple[list[str], bool]:
@@ -38,8 +62,6 @@ def _class_names(cfg, num_classes: int) -> tuple[list[str], bool]:
     if cfg.clip.class_names:
         return list(cfg.clip.class_names), True
     if cfg.data.source == "digits":
-        from hello_fast.data.sources import DIGIT_NAMES
-
         return DIGIT_NAMES, True
     if num_classes == 1000:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
@@ -48,46 +70,67 @@ def _class_names(cfg, num_classes: int) -> tuple[list[str], bool]:
     return [f"class {i:04d}" for i in range(num_classes)], False
 
 
-def artifact_file_bytes(cfg, num_classes: int, class_names: list[str]) -> tuple[int, int]:
-    """(bytes, LoRA parameters) of the artifact this config would write."""
-    from hello_fast.models.clip import load_clip, template_strings
-    from hello_fast.projector.artifact import artifact_bytes, artifact_metadata
-    from hello_fast.projector.model import build_projector
-
+def _artifact_sizes(cfg, num_classes: int, class_names: list[str]) -> dict:
+    """Bytes of the artifact this config would write, in each dtype, its LoRA parameters, and the backbone's size."""
     pc = cfg.projector
     # the architecture is what matters: a seeded random init has the same shapes and an equally long sha256
     backbone = load_clip(cfg.clip.model, None, cfg.clip.init_seed, calibrate=False)
     backbone.pretrained = cfg.clip.pretrained if cfg.clip.pretrained is None else str(cfg.clip.pretrained).split("/")[-1]
+    backbone.activation = expected_activation(cfg.clip.model, cfg.clip.pretrained, cfg.clip.activation)
+    backbone.arch_sha256 = architecture_sha256(cfg.clip.model, backbone.activation)
     embed_dim = backbone.model.visual.output_dim
     projector = build_projector(backbone, class_names, [], conv_rank=pc.conv_rank, head_rank=pc.head_rank,
                                 linear_rank=pc.linear_rank, alpha=pc.alpha, head_weight=torch.zeros(num_classes, embed_dim))
     tensors = projector.lora_state_dict()
-    meta = artifact_metadata(projector, backbone, class_names, template_strings(cfg.clip.templates), conv_rank=pc.conv_rank,
-                             head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha)
-    return len(artifact_bytes(tensors, meta)), sum(t.numel() for t in tensors.values())
+    sizes = {}
+    for dtype in DTYPES:
+        meta = artifact_metadata(projector, backbone, class_names, template_strings(cfg.clip.templates),
+                                 conv_rank=pc.conv_rank, head_rank=pc.head_rank, linear_rank=pc.linear_rank,
+                                 alpha=pc.alpha, dtype=dtype)
+        sizes[dtype] = len(artifact_bytes(tensors, meta))
+    return {
+        "artifact": sizes, "lora_parameters": sum(t.numel() for t in tensors.values()),
+        "backbone": weights_bytes(backbone.model), "image_tower": weights_bytes(backbone.model.visual),
+    }
+
+
+def artifact_file_bytes(cfg, num_classes: int, class_names: list[str]) -> tuple[int, int]:
+    """(bytes, LoRA parameters) of the artifact this config would write (in projector.artifact_dtype)."""
+    s = _artifact_sizes(cfg, num_classes, class_names)
+    return s["artifact"][cfg.projector.artifact_dtype], s["lora_parameters"]
 
 
 def storage_report(cfg, num_classes: int | None = None, class_names: list[str] | None = None) -> dict:
-    """Label storage in bytes of each scheme for `cfg` (keys artifact_bytes, sre2l_soft_label_bytes, teacher_bytes)."""
+    """Storage in bytes of each scheme for `cfg`: artifact_bytes (the configured dtype) and _fp32/_fp16/_int8,
+    backbone_bytes (the shared CLIP model), sre2l_soft_label_bytes, teacher_bytes."""
     C = num_classes or cfg.data.num_classes
     if C is None:
         raise ValueError("storage: the config does not say how many classes (data.num_classes) and no data was given")
     exact = True
     if class_names is None:
         class_names, exact = _class_names(cfg, C)
-    art, params = artifact_file_bytes(cfg, C, class_names)
+    sizes = _artifact_sizes(cfg, C, class_names)
     n_images = C * cfg.select.ipc
     sre2l = sre2l_soft_label_bytes(n_images, C, cfg.student.epochs, cfg.student.batch_size)
     tc = cfg.teachers
     teacher = teacher_bytes(tc.arch, C, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None)
+    pretrained = cfg.clip.pretrained
     return {
         "config": cfg.name,
         "num_classes": C,
         "distilled_images": n_images,
         "student_epochs": cfg.student.epochs,
-        "artifact_bytes": art,
-        "artifact_lora_parameters": params,
+        "artifact_dtype": cfg.projector.artifact_dtype,
+        "artifact_bytes": sizes["artifact"][cfg.projector.artifact_dtype],
+        "artifact_bytes_fp32": sizes["artifact"]["fp32"],
+        "artifact_bytes_fp16": sizes["artifact"]["fp16"],
+        "artifact_bytes_int8": sizes["artifact"]["int8"],
+        "artifact_lora_parameters": sizes["lora_parameters"],
         "artifact_metadata_exact": exact,
+        "backbone": f"{cfg.clip.model} ({pretrained})" if pretrained else f"{cfg.clip.model} (random init, seed {cfg.clip.init_seed})",
+        "backbone_bytes": sizes["backbone"],
+        "backbone_image_tower_bytes": sizes["image_tower"],
+        "backbone_downloaded": bool(pretrained),
         "sre2l_soft_label_bytes": sre2l,
         "teacher_bytes": teacher,
     }

@@ -47,8 +47,14 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture
-def rng():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
+def rng(request):
+    """A fresh random generator; its seed is printed (shown with a failure) so the case can be replayed.
+
+    HELLO_FAST_TEST_SEED=N replays one seed.
+    """
+    seed = int(os.environ.get("HELLO_FAST_TEST_SEED", torch.seed() % 2**31))
+    print(f"{request.node.nodeid}: rng seed {seed} (replay: HELLO_FAST_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
 
 
 def has_cuda() -> bool:

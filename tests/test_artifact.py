@@ -110,3 +110,108 @@ def test_artifact_is_byte_reproducible(tiny_run, tmp_path):
     Pipeline(tiny_config(), str(out), device="cpu").projector()
     with open(os.path.join(run, "projector", "artifact.safetensors"), "rb") as a, open(out / "projector" / "artifact.safetensors", "rb") as b:
         assert a.read() == b.read()
+
+
+# -- compact artifacts: fp16 and int8 (per-output-channel scales) -------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (1, 5), (1000, 128), (7, 1, 1, 1)])
+def test_int8_rows_round_trip_within_half_a_step(shape, rng):
+    from hello_fast.projector.artifact import dequantize_rows, quantize_rows
+
+    t = torch.randn(shape, generator=rng) * torch.rand(shape[0], *([1] * (len(shape) - 1)), generator=rng) * 3
+    t[0] = 0  # an untrained (zero) row stays exactly zero
+    q, scale = quantize_rows(t)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (shape[0],)
+    assert int(q.abs().max()) <= 127
+    back = dequantize_rows(q, scale)
+    step = scale.view(-1, *([1] * (len(shape) - 1)))
+    assert torch.all((back - t).abs() <= step / 2 + 1e-7)
+    assert torch.equal(back[0], torch.zeros_like(back[0]))
+
+
+@pytest.fixture(scope="module")
+def trained_like(tmp_path_factory):
+    """A tiny projector with rank-8 LoRA set to seeded random values (as after training), written in each dtype."""
+    from hello_fast.projector.artifact import artifact_metadata, save_artifact
+    from hello_fast.projector.model import build_projector
+
+    seed = int(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed)
+    backbone = load_clip("hello-tiny-rn")
+    names = ["zero", "one", "two", "three", "four"]
+    projector = build_projector(backbone, names, ["a photo of a {}."], conv_rank=8, head_rank=4)
+    with torch.no_grad():
+        for _, m in projector.lora_modules():
+            m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.05)
+    folder = tmp_path_factory.mktemp("dtypes")
+    paths = {}
+    for dtype in ("fp32", "fp16", "int8"):
+        meta = artifact_metadata(projector, backbone, names, ["a photo of a {}."], conv_rank=8, head_rank=4,
+                                 linear_rank=0, alpha=None, dtype=dtype)
+        paths[dtype] = str(folder / f"{dtype}.safetensors")
+        save_artifact(paths[dtype], projector.lora_state_dict(), meta)
+    x = (torch.rand(16, 3, 32, 32, generator=g) - projector.mean) / projector.std
+    return backbone, projector, paths, x, seed
+
+
+# max |logit difference| / max |logit| of the fp32 projector: fp16 rounds each weight to 2^-11 relative,
+# int8 to half a step of max|row| / 127; measured 1.9e-4 and 5.1e-3 (seed 1), bounds with ~5x margin
+_TOLERANCE = {"fp32": 0.0, "fp16": 1e-3, "int8": 2.5e-2}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_compact_artifacts_give_the_fp32_labels(trained_like, dtype):
+    backbone, projector, paths, x, seed = trained_like
+    with torch.no_grad():
+        ref = projector(x)
+        loaded, meta = load_projector(paths[dtype], backbone=backbone)
+        got = loaded(x)
+    assert meta["dtype"] == dtype
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err <= _TOLERANCE[dtype], f"seed {seed}: relative logit error {err:.2e}"
+    assert float((got.softmax(1) - ref.softmax(1)).abs().max()) <= 10 * _TOLERANCE[dtype] + 1e-7, f"seed {seed}"
+    stored, _ = read_artifact(paths[dtype], decode=False)
+    kinds = {t.dtype for k, t in stored.items() if not k.endswith(".scale")}
+    assert kinds == {{"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]}
+
+
+def test_compact_artifacts_are_smaller(trained_like):
+    _, _, paths, _, _ = trained_like
+    sizes = {d: os.path.getsize(p) for d, p in paths.items()}
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    assert sizes["fp16"] < 0.55 * sizes["fp32"]
+    assert describe(paths["int8"])["dtype"] == "int8"
+    assert describe(paths["int8"])["parameters"] == describe(paths["fp32"])["parameters"]  # scales are not LoRA parameters
+
+
+def test_inspect_prints_the_dtype(trained_like, capsys):
+    from hello_fast.cli import main
+
+    _, _, paths, _, _ = trained_like
+    assert main(["inspect", paths["fp16"]]) == 0
+    assert "stored as fp16" in capsys.readouterr().out
+
+
+def test_convert_artifact_and_int8_tampering(trained_like, tmp_path):
+    from hello_fast.projector.artifact import convert_artifact
+
+    backbone, projector, paths, x, _ = trained_like
+    dst = str(tmp_path / "converted.safetensors")
+    convert_artifact(paths["fp32"], dst, "int8")
+    with open(dst, "rb") as a, open(paths["int8"], "rb") as b:
+        assert a.read() == b.read()  # converting is writing in that dtype
+    bad = str(tmp_path / "bad.safetensors")
+
+    def drop_scale(t):
+        del t["head.lora_b.scale"]
+        return t
+    _rewrite(paths["int8"], bad, tensors=drop_scale)
+    with pytest.raises(HelloError, match="has no scale"):
+        read_artifact(bad)
+    _rewrite(paths["int8"], bad, meta=lambda m: dict(m, dtype="fp16"))
+    with pytest.raises(HelloError, match="head.lora_a is torch.int8, the metadata says fp16"):
+        read_artifact(bad)
+    _rewrite(paths["fp16"], bad, meta=lambda m: dict(m, dtype="fp32"))
+    with pytest.raises(HelloError, match="is torch.float16, the metadata says fp32"):
+        read_artifact(bad)

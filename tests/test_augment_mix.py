@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast.ops import augment_mix, sample_augment_params
+from hello_fast.ops.augment_mix import shuffle_patches, strip_source_index
 
 VIEW = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), torch.float32)  # identity normalisation: pixels 0-255
 
@@ -124,3 +125,84 @@ def test_sampled_parameters_obey_their_rules():
     assert len(set(batch["lam"].tolist())) == 1 and len({tuple(c) for c in batch["cut"].tolist()}) == 1  # one box per batch
     none = sample_augment_params(index[:8], H, W, out_size=out, mode="none", generator=g)
     assert torch.equal(none["lam"], torch.ones(8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ShufflePatches (RDED): the reference against an explicit implementation of RDED's rule
+
+
+def _rded_shuffle(img, rows, cols):
+    """RDED's ShufflePatches written out as its code does it (validation/utils.py): cut the last axis into strips of
+    size // factor, concatenate them in a shuffled order, then the same for the rows; here the last strip keeps the
+    remainder (RDED's code drops it: the two agree when the factor divides the side)."""
+    def shuffle_last_axis(x, order):
+        n, f = x.shape[-1], len(order)
+        t = n // f
+        strips = [x[..., j * t:(j + 1) * t] if j < f - 1 else x[..., j * t:] for j in range(f)]
+        return torch.cat([strips[j] for j in order], -1)
+
+    img = shuffle_last_axis(img, cols)
+    return shuffle_last_axis(img.transpose(-1, -2), rows).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("H, W, factor", [(16, 16, 2), (19, 23, 2), (20, 31, 3), (9, 14, 4), (12, 12, 1), (7, 5, 5)])
+def test_shuffled_reference_is_a_crop_of_rdeds_shuffled_image(H, W, factor, rng):
+    src, index, p = _batch(6, H=H, W=W, g=rng, out=13)
+    p["shuffle"] = torch.rand(6, 2, factor, generator=rng).argsort(-1)
+    (x,), _ = augment_mix(src, index, **p, mode="none", out_size=13, views=[VIEW], backend="torch")
+    shuffled = torch.stack([_rded_shuffle(src[index[b]], p["shuffle"][b, 0].tolist(), p["shuffle"][b, 1].tolist())
+                            for b in range(6)])
+    assert torch.equal(shuffle_patches(src[index], p["shuffle"]), shuffled)
+    assert torch.allclose(x, _manual_base(shuffled, torch.arange(6), p["crop"], p["flip"], 13), atol=1e-3)
+
+
+def test_rded_rule_on_a_labelled_image():
+    """Every pixel is its own coordinate: the shuffled image says where each came from."""
+    H, W = 7, 10
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img = torch.stack([ys, xs, ys * 0]).to(torch.uint8)[None]
+    out = shuffle_patches(img, torch.tensor([[[1, 2, 0], [2, 0, 1]]]))[0]
+    # rows: strips [0,1], [2,3], [4,5,6] (the last takes the remainder) in the order 1, 2, 0
+    assert out[0, :, 0].tolist() == [2, 3, 4, 5, 6, 0, 1]
+    # columns: [0,1,2], [3,4,5], [6,7,8,9] in the order 2, 0, 1
+    assert out[1, 0].tolist() == [6, 7, 8, 9, 0, 1, 2, 3, 4, 5]
+    assert torch.equal(strip_source_index(torch.tensor([2, 0, 1]), 10), out[1, 0].long())
+
+
+def test_identity_orders_change_nothing(rng):
+    src, index, p = _batch(4, g=rng)
+    (plain,), _ = augment_mix(src, index, **p, mode="cutmix", out_size=11, views=[VIEW])
+    for factor in (1, 3):
+        ident = torch.arange(factor).expand(4, 2, factor).contiguous()
+        (same,), _ = augment_mix(src, index, **p, mode="cutmix", out_size=11, views=[VIEW], shuffle=ident)
+        assert torch.equal(same, plain)
+
+
+@pytest.mark.parametrize("shuffle, error, words", [
+    (torch.tensor([[[0, 0], [0, 1]]] * 3), IndexError, r"shuffle\[0, 0\] = \[0, 0\] is not an order"),
+    (torch.tensor([[[0, 1], [1, 2]]] * 3), IndexError, r"shuffle\[0, 1\]"),
+    (torch.tensor([[[0, 1], [1, 0]]] * 2), ValueError, "shape"),
+    (torch.tensor([[[0, 1], [1, 0]]] * 3, dtype=torch.int32), ValueError, "int64"),
+    (torch.arange(24).expand(3, 2, 24).contiguous(), ValueError, "factor must lie in"),
+])
+def test_bad_strip_orders_are_rejected(shuffle, error, words):
+    src, index, p = _batch(3, H=19, W=23)
+    with pytest.raises(error, match=words):
+        augment_mix(src, index, **p, mode="cutmix", out_size=11, views=[VIEW], shuffle=shuffle)
+
+
+def test_sampled_strip_orders_are_uniform_permutations_drawn_last():
+    index = torch.zeros(6000, dtype=torch.long)
+    plain = sample_augment_params(index, 30, 40, out_size=16, generator=torch.Generator().manual_seed(3))
+    p = sample_augment_params(index, 30, 40, out_size=16, generator=torch.Generator().manual_seed(3), shuffle_factor=3)
+    assert "shuffle" not in plain
+    for k in plain:  # the other parameters are exactly those drawn without ShufflePatches
+        assert torch.equal(plain[k], p[k]), k
+    s = p["shuffle"]
+    assert s.shape == (6000, 2, 3) and s.dtype == torch.long
+    assert torch.equal(s.sort(-1).values, torch.arange(3).expand_as(s))
+    counts = torch.bincount(s[:, 0, 0], minlength=3).float() / 6000  # each strip first a third of the time
+    assert (counts - 1 / 3).abs().max() < 0.03
+    assert (s[:, 0] != s[:, 1]).any(-1).float().mean() > 0.7  # rows and columns drawn independently (5/6 differ)
+    with pytest.raises(ValueError, match="shuffle_factor"):
+        sample_augment_params(index[:2], 30, 4, out_size=16, shuffle_factor=5)

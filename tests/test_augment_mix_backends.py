@@ -21,9 +21,10 @@ def _cpu_backends():
 CPU_BACKENDS = _cpu_backends()
 
 
-def _params(B, S, H, W, out, mode, g, device="cpu"):
+def _params(B, S, H, W, out, mode, g, device="cpu", shuffle_factor=1):
     index = torch.randint(0, S, (B,), generator=g)
-    p = sample_augment_params(index, H, W, out_size=out, scale=(0.05, 1.0), mode=mode, per_sample=True, generator=g)
+    p = sample_augment_params(index, H, W, out_size=out, scale=(0.05, 1.0), mode=mode, per_sample=True, generator=g,
+                              shuffle_factor=shuffle_factor)
     if mode == "mixup":
         p["lam"] = torch.rand(B, generator=g)
     return index.to(device), {k: v.to(device) for k, v in p.items()}
@@ -48,6 +49,27 @@ def test_backend_matches_reference(backend, mode, B, out, rng):
     src = torch.randint(0, 256, (5, 3, 29, 38), dtype=torch.uint8, generator=rng)
     index, p = _params(B, 5, 29, 38, out, mode, rng)
     _compare(backend, src, index, p, mode, out)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["none", "mixup", "cutmix"])
+@pytest.mark.parametrize("H, W, factor, out", [(32, 32, 2, 17), (29, 38, 2, 24), (40, 31, 3, 45), (23, 33, 4, 8),
+                                                 (224, 224, 2, 224)])
+def test_shuffle_patches_match_reference(backend, mode, H, W, factor, out, rng):
+    """RDED's ShufflePatches folded into the source coordinates, sides the factor does not divide included."""
+    src = torch.randint(0, 256, (5, 3, H, W), dtype=torch.uint8, generator=rng)
+    index, p = _params(4, 5, H, W, out, mode, rng, shuffle_factor=factor)
+    assert p["shuffle"].shape == (4, 2, factor)
+    _compare(backend, src, index, p, mode, out)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_shuffle_patches_with_channels_last_source_and_views(backend, rng):
+    big = torch.randint(0, 256, (5, 37, 26, 3), dtype=torch.uint8, generator=rng)
+    src = big.permute(0, 3, 1, 2)  # channels-last memory, NCHW view
+    index, p = _params(6, 5, 37, 26, 19, "cutmix", rng, shuffle_factor=3)
+    views = [VIEWS[0], ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.bfloat16)]
+    _compare(backend, src, index, p, "cutmix", 19, views=views, tol=4e-2, channels_last=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -95,7 +117,8 @@ def test_four_views_everywhere_and_the_same_refusals(backend, rng):
     bad_crop = dict(crop=p["crop"].clone().index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(22)))
     bad_cut = dict(cut=torch.tensor([[0, 0, 14, 3]] * 3))
     bad_index = dict(index=torch.tensor([0, 4, 1]))
-    for bad in (bad_views, bad_crop, bad_cut, bad_index):
+    bad_shuffle = dict(shuffle=torch.tensor([[[0, 1], [1, 0]], [[1, 0], [0, 1]], [[1, 1], [0, 1]]]))
+    for bad in (bad_views, bad_crop, bad_cut, bad_index, bad_shuffle):
         args = dict(index=index, **p, mode="cutmix", out_size=13, views=[VIEWS[0]])
         args.update(bad)
         with pytest.raises((ValueError, IndexError)) as default:
@@ -129,6 +152,13 @@ def test_csrc_op_checks_ranges_itself_and_passes_opcheck():
     bad[1] = torch.tensor([0, 3])
     with pytest.raises(RuntimeError, match="index"):
         torch.ops.hello_fast.augment_mix(*bad)
+    shuffled = args + [torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 0]]])]
+    res = torch.library.opcheck(torch.ops.hello_fast.augment_mix.default, tuple(shuffled))
+    assert all(v == "SUCCESS" for v in res.values()), res
+    bad = list(shuffled)
+    bad[-1] = torch.tensor([[[1, 0], [0, 1]], [[0, 2], [1, 0]]])  # strip 2 of 2
+    with pytest.raises(RuntimeError, match=r"shuffle\[1, 0\] is not an order"):
+        torch.ops.hello_fast.augment_mix(*bad)
     bad = list(args)
     bad[9:12] = [[0.5] * 15, [0.25] * 15, [0, 1, 2, 0, 0]]  # the same view limit as the Python op
     with pytest.raises(RuntimeError, match=f"at most {MAX_VIEWS} views"):
@@ -139,9 +169,10 @@ def test_csrc_op_checks_ranges_itself_and_passes_opcheck():
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("mode", ["none", "mixup", "cutmix"])
 @pytest.mark.parametrize("B, out", [(1, 1), (7, 17), (3, 45), (64, 224)])
-def test_gpu_backends(backend, mode, B, out, rng):
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_gpu_backends(backend, mode, B, out, factor, rng):
     if backend == "cuda" and not _backend.available(torch.device("cuda"), ("cuda",)):
         pytest.skip("extension built without CUDA")
     src = torch.randint(0, 256, (9, 3, 230, 190), dtype=torch.uint8, generator=rng)
-    index, p = _params(B, 9, 230, 190, out, mode, rng, device="cuda")
+    index, p = _params(B, 9, 230, 190, out, mode, rng, device="cuda", shuffle_factor=factor)
     _compare(backend, src.cuda(), index, p, mode, out)

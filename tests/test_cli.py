@@ -63,16 +63,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert not os.path.exists(os.path.join(out_dir, "teachers"))  # nothing half-written
 
 
-def test_artifact_for_other_classes_is_refused_by_the_student_stage(tiny_run, tmp_path):
+def test_a_class_count_the_data_does_not_have_is_refused(tiny_run, tmp_path):
     import shutil
 
     run_dir, _ = tiny_run
     out = tmp_path / "mismatch"
     shutil.copytree(run_dir, out)
-    # the data now has 4 classes: the run's artifact (3 classes) must be refused by name, not used
-    res = run("student", "--out", str(out), "--set", "data.procedural_classes=4", "--set", "data.num_classes=4",
-              "--set", "student.label_sources=[projector]")
-    _assert_clean_error(res, "out of date")
+    # data.num_classes is result-neutral (a check): the stages stay current and the check itself refuses
+    res = run("student", "--out", str(out), "--set", "data.num_classes=4", "--set", "student.label_sources=[projector]")
+    _assert_clean_error(res, "the data has 3 classes but the config expects 4")
 
 
 def test_inspect_prints_and_validates(tiny_run):
@@ -101,8 +100,8 @@ def test_distill_from_the_cli_on_a_folder(tmp_path):
     broken = tmp_path / "data" / "train" / "shape1" / "3.jpg"
     broken.write_bytes(broken.read_bytes()[:100])
     args = ["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]
-    for item in TINY:
-        if not item.startswith("data.source") and not item.startswith("data.procedural"):
+    for item in TINY:  # the default preset (digits: 10 classes) with tiny sizes; --data defines the 3 classes
+        if not item.startswith(("data.source", "data.procedural", "data.num_classes")):
             args += ["--set", item]
     out = run(*args)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -110,9 +109,12 @@ def test_distill_from_the_cli_on_a_folder(tmp_path):
     assert "projector" in out.stdout and "label source" in out.stdout
     results = json.load(open(tmp_path / "run" / "results.json"))
     assert set(results["students"]) == {"hard", "teacher", "projector"}
-    # a rerun finishes at once: everything is current
-    again = run(*args)
-    assert again.returncode == 0 and again.stderr.count("skipping") >= 5
+    assert results["data"] == str(tmp_path / "data")  # the results and the report name the data
+    assert open(tmp_path / "run" / "report.md").read().splitlines()[0].startswith("# hello_fast run: data (")
+    # a rerun finishes at once: everything is current, also with result-neutral options changed
+    again = run(*args, "--set", "data.num_workers=8", "--set", "student.eval_batch_size=5", "--set", "checkpoint_every=0")
+    assert again.returncode == 0 and again.stderr.count("skipping") >= 5, again.stderr[-2000:]
+    assert "done in" not in again.stderr
 
 
 def test_student_with_another_artifact(tiny_run, tmp_path):

@@ -175,7 +175,7 @@ def _read(d: Path, name: str, dtype, shape, strides) -> torch.Tensor:
 
 
 def emulated_augment_mix(exe, work: Path, src, index, crop, flip, partner, lam, cut, *, mode, out_size, views,
-                         channels_last=False, schedule="forward"):
+                         shuffle=None, channels_last=False, schedule="forward"):
     """The CUDA augment_mix kernel on the emulator, filled in as csrc/ops/cuda/augment_mix_cuda.cpp does."""
     work.mkdir(parents=True, exist_ok=True)
     B = index.shape[0]
@@ -184,6 +184,9 @@ def emulated_augment_mix(exe, work: Path, src, index, crop, flip, partner, lam, 
     lines = [f"batch {B}", f"views {len(views)}", f"out_size {out_size}", f"mode {MIX_CODES[mode]}",
              f"src_numel {src.numel()}", "src_stride " + " ".join(map(str, src.stride())),
              "src_shape " + " ".join(map(str, src.shape))]
+    if shuffle is not None:
+        lines.append(f"shuffle_factor {shuffle.shape[2]}")
+        _write(work, "shuffle", shuffle)
     for k, ((mean, std, dtype), o) in enumerate(zip(views, outs)):
         inv = [float(np.float32(1.0 / s)) for s in std]
         lines.append(f"view{k} {DTYPE_CODES[dtype]} {o.numel()} " + " ".join(map(str, o.stride())) + " "
@@ -234,26 +237,35 @@ VIEW_F16 = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), torch.float16)
 VIEW_RAW = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), torch.float32)  # pixels 0-255
 VIEW_TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 4e-2}
 
-# (B, S, H, W, out, mode, views, channels_last, src_channels_last): every mode at batch 1, odd and tiny sizes and
-# 224 px, 1-4 views of every dtype, both view layouts and both source layouts
+# (B, S, H, W, out, mode, views, channels_last, src_channels_last, shuffle_factor): every mode at batch 1, odd and tiny
+# sizes and 224 px, 1-4 views of every dtype, both view layouts and both source layouts; then RDED's ShufflePatches
+# (factor 0: none) in every mode with factors 1-4, sides that the factor does not divide among them
 _VIEW_SETS = [[VIEW_F32], [VIEW_F32, VIEW_BF16], [VIEW_F16, VIEW_F32, VIEW_BF16], [VIEW_F32, VIEW_BF16, VIEW_F16, VIEW_RAW]]
 _AUGMENT_SHAPES = [(1, 2, 9, 7, 1), (3, 4, 29, 38, 17), (2, 3, 40, 31, 45), (5, 5, 33, 33, 19), (1, 3, 250, 230, 224)]
+_SHUFFLE_SHAPES = [(3, 4, 29, 38, 17, 2), (2, 3, 40, 31, 45, 3), (5, 5, 33, 33, 19, 4), (2, 3, 224, 224, 224, 2),
+                   (1, 2, 9, 7, 5, 1)]
 AUGMENT_CASES = [
-    (*shape, mode, _VIEW_SETS[(i + j) % 4], (i + j) % 2 == 1, (i * 5 + j) % 3 == 2)
+    (*shape, mode, _VIEW_SETS[(i + j) % 4], (i + j) % 2 == 1, (i * 5 + j) % 3 == 2, 0)
     for i, mode in enumerate(("none", "mixup", "cutmix")) for j, shape in enumerate(_AUGMENT_SHAPES)
+] + [
+    (*shape[:5], mode, _VIEW_SETS[(i + j) % 4], (i + j) % 2 == 0, (i + j) % 3 == 1, shape[5])
+    for i, mode in enumerate(("none", "mixup", "cutmix")) for j, shape in enumerate(_SHUFFLE_SHAPES) if (i + j) % 3 != 2
 ]
 
 
 def _augment_inputs(case, seed):
-    B, S, H, W, out, mode, views, channels_last, src_cl = case
+    B, S, H, W, out, mode, views, channels_last, src_cl, factor = case
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(0, 256, (S, 3, H, W), dtype=torch.uint8, generator=g)
     if src_cl:
         src = src.contiguous(memory_format=torch.channels_last)
     index = torch.randint(0, S, (B,), generator=g)
-    p = sample_augment_params(index, H, W, out_size=out, scale=(0.02, 1.0), mode=mode, per_sample=True, generator=g)
+    p = sample_augment_params(index, H, W, out_size=out, scale=(0.02, 1.0), mode=mode, per_sample=True, generator=g,
+                              shuffle_factor=max(factor, 1))
     if mode == "mixup":
         p["lam"] = torch.rand(B, generator=g)
+    if factor == 1:  # an explicit identity order: the kernel's shuffled path with one strip
+        p["shuffle"] = torch.zeros(B, 2, 1, dtype=torch.long)
     return src, index, p
 
 
@@ -329,7 +341,8 @@ def _loss_case_matches(exe, tmp_path, case, seed, schedule="forward"):
 
 
 def _case_id(case):
-    return "-".join(str(x).replace("torch.", "") for x in case[:6])
+    shuffle = [f"shuffle{case[-1]}"] if len(case) == 10 and case[-1] else []
+    return "-".join([str(x).replace("torch.", "") for x in case[:6]] + shuffle)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,6 +486,26 @@ def test_augment_mix_kernel_poisons_out_of_range_samples_instead_of_reading(flav
 
 
 @pytest.mark.parametrize("flavour", ["plain", "asan"])
+def test_augment_mix_kernel_poisons_samples_whose_strip_orders_are_not_permutations(flavour, tmp_path):
+    """ShufflePatches orders out of range or with a repeated strip (check=False or C++ only) poison their sample: the
+    kernel never reads through them; the other samples are the reference's."""
+    g = torch.Generator().manual_seed(SEED)
+    src = torch.randint(0, 256, (4, 3, 21, 30), dtype=torch.uint8, generator=g)
+    index, p = _edge_params()
+    lam = torch.rand(7, generator=g)
+    shuffle = torch.rand(7, 2, 3, generator=g).argsort(-1)
+    bad = shuffle.clone()
+    bad[2, 0] = torch.tensor([0, 0, 1])   # strip 0 twice, strip 2 never
+    bad[4, 1] = torch.tensor([0, 3, 1])   # no strip 3 of 3
+    want, _ = augment_mix_reference(src, index, **p, lam=lam, mode="cutmix", out_size=17, views=[VIEW_F32], shuffle=shuffle)
+    (got,) = emulated_augment_mix(driver(flavour), tmp_path, src, index, **p, lam=lam, mode="cutmix", out_size=17,
+                                  views=[VIEW_F32], shuffle=bad)
+    assert got[[2, 4]].isnan().all(), f"seed {SEED}"
+    ok = [0, 1, 3, 5, 6]
+    assert (got[ok] - want[0][ok]).abs().max() <= VIEW_TOL[torch.float32], f"seed {SEED}"
+
+
+@pytest.mark.parametrize("flavour", ["plain", "asan"])
 @pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
 def test_soft_label_loss_kernel_matches_reference(case, flavour, tmp_path):
     _loss_case_matches(driver(flavour), tmp_path, case, SEED)
@@ -568,6 +601,14 @@ def test_an_off_by_one_bound_is_caught_by_the_sanitizer(tmp_path):
                    "for (int64_t c = threadIdx.x; c <= C; c += kThreads) {")
     found = _failures(_mutant("asan", src), tmp_path / "loss", [(1, 7, torch.float32, "kl", 1.0, 0.3, True, 0)])
     assert any("AddressSanitizer" in str(e) for e in found), found
+
+
+def test_a_remainder_given_to_the_wrong_strip_is_caught(tmp_path):
+    """ShufflePatches cases whose sides the factor does not divide tell which strip takes the remainder."""
+    src = _mutated("augment_mix_kernel.cu", "order[k] == factor - 1 ? rem : 0", "order[k] == 0 ? rem : 0")
+    uneven = [c for c in AUGMENT_CASES if c[-1] > 1 and (c[2] % c[-1] or c[3] % c[-1])]
+    found = _failures(_mutant("plain", src), tmp_path, augment_cases=uneven[:3])
+    assert found and all("differs" in str(e) for e in found), found
 
 
 def test_a_wrong_shuffle_width_is_caught(tmp_path):

@@ -156,6 +156,33 @@ def test_a_corrupt_jpeg_stops_the_pass_when_asked(tmp_path):
         _all("dali", images, size=16, batch_size=4, train=False)
 
 
+def test_a_file_the_check_passes_but_dali_cannot_decode_is_found_by_halving(tmp_path):
+    """The recovery path for what the image check cannot foresee: GIF bytes under a .jpg name (PIL reads them, DALI
+    does not, and DALI's error names no file) are found by halving the suspect batches through DALI's decoder."""
+    from PIL import Image
+
+    from hello_fast.data.validate import image_error
+
+    root = _write_folder(str(tmp_path / "data"), classes=2, per_class=6, size=32)
+    files = _files_of(root)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    victim = files[int(torch.randint(0, len(files), (1,), generator=torch.Generator().manual_seed(seed)))]
+    Image.open(victim).convert("RGB").save(victim, format="GIF")
+    assert image_error(victim) is None  # a readable image: the check keeps it (the torch loader reads it)
+    assert dali.undecodable(files) == [files.index(victim)], seed
+    images = FileImageSet(files, [int("class_1" in f) for f in files], ["class_0", "class_1"])
+    named = []
+    for train in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, labels, index, _ = _all("dali", images, size=16, batch_size=4, train=train, seed=seed)
+        named.append(sum(victim in str(w.message) for w in caught))
+        assert files.index(victim) not in index.tolist(), seed
+        assert torch.equal(labels, images.labels[index])
+        assert len(index) == len(files) - (not train)  # training: its slot taken by another image; evaluation: dropped
+    assert named == [1, 0] and images.bad == {files.index(victim)}  # named once, then left out quietly
+
+
 def test_loader_choice_is_checked(folder):
     from hello_fast.data.loader import resolve_loader
     from hello_fast.data.sources import TensorImageSet

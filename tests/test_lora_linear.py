@@ -1,4 +1,9 @@
 """lora_linear and lora_linear_multi: the Triton kernels (interpreter on the CPU, fp32) against a float64 reference."""
+import importlib
+import json
+import os
+import types
+
 import pytest
 import torch
 from conftest import gpu, triton_device
@@ -90,8 +95,9 @@ def test_torch_backend_is_the_reference(rng):
 
 
 @TRITON
-def test_multi_adapter_rows_use_their_own_adapter(rng):
-    n, r, K, N = 3, 6, 45, 37
+@pytest.mark.parametrize("r", [6, 40])  # 40: two column blocks of H (block_r 32), the second partial
+def test_multi_adapter_rows_use_their_own_adapter(r, rng):
+    n, K, N = 3, 45, 37
     x = torch.randn(2, 19, K, generator=rng).to(DEV)
     w = torch.randn(N, K, generator=rng).to(DEV) / 7
     a = torch.randn(n, r, K, generator=rng).to(DEV) / 7
@@ -131,20 +137,122 @@ def test_bad_shapes_are_named(args, words):
         lora_linear(base["x"], base["weight"], base["lora_a"], base["lora_b"], 1.0, base["bias"])
 
 
-def test_configs_are_data():
-    import json
-    import os
+_RULE_KEYS = {"dtypes", "precision", "aligned", "min_rows", "min_n", "max_rank", "block_m", "block_n", "block_k",
+              "group_m", "num_warps", "num_stages", "fuse_xa_max_rank", "block_r"}
 
+
+def _gpu_tables(table):
+    return {k: v for k, v in table.items() if isinstance(v, list) and not k.startswith(("_", "interpreter")) and k != "reduction"}
+
+
+def test_configs_are_data():
+    """Every device table is well formed and serves every dtype x precision x alignment (its last rule takes the rest)."""
+    pytest.importorskip("triton")
     from hello_fast.kernels import lora_linear as K
 
     table = json.load(open(os.path.join(os.path.dirname(K.__file__), "configs", "lora_linear.json")))
     assert {"interpreter", "default", "NVIDIA H200", "reduction"} <= set(table)
-    for device, rules in table.items():
-        if device.startswith("_") or device == "reduction":
-            continue
+    assert set(table["_device_arch"]) <= set(table)
+    for device, rules in {**_gpu_tables(table), "interpreter": table["interpreter"]}.items():
         for rule in rules:
-            assert {"block_m", "block_n", "block_k"} <= set(rule)
-            assert all(rule[k] >= 16 and rule[k] & (rule[k] - 1) == 0 for k in ("block_m", "block_n", "block_k"))
+            assert set(rule) <= _RULE_KEYS, f"{device}: unknown keys {set(rule) - _RULE_KEYS}"
+            assert all(rule[k] >= 16 and rule[k] & (rule[k] - 1) == 0 for k in ("block_m", "block_n", "block_k", "block_r"))
+            assert set(rule.get("dtypes", [])) <= {"float32", "float16", "bfloat16"}
+            assert rule.get("precision", "tf32") in ("tf32", "ieee")
+        assert not set(rules[-1]) & {"dtypes", "precision", "aligned", "min_rows", "min_n", "max_rank"}, f"{device}: no catch-all"
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+                for aligned in (True, False):
+                    rule = next(r for r in rules if K._matches(r, 256, 1000, 128, dtype, precision, aligned))
+                    if dtype != torch.float32 or precision == "tf32":  # the fast paths have rules of their own
+                        assert rule is not rules[-1] or device == "interpreter", (device, dtype, precision, aligned)
+    assert not set(table["reduction"][-1]) & {"precision"} and table["reduction"][0]["precision"] == "ieee"
+
+
+def test_unaligned_operands_get_their_own_tile(monkeypatch):
+    pytest.importorskip("triton")
+    from hello_fast.kernels import lora_linear as K
+
+    x = torch.empty(64, 1024, dtype=torch.bfloat16)
+    assert K._aligned(x, torch.empty(1000, 1024, dtype=torch.bfloat16))
+    assert not K._aligned(torch.empty(64, 1000, dtype=torch.bfloat16))  # row stride 1000: Triton cannot vectorise
+    assert not K._aligned(x.view(-1)[1:].view(-1)[: 64 * 1000].view(64, 1000))  # base pointer 2 bytes off
+    assert K._aligned(x.t())  # strides (1, 1024)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU tables (nothing is launched)
+    monkeypatch.setattr(K, "_device_facts", lambda device: ("NVIDIA H200", 132))
+    cpu = torch.device("cpu")
+    aligned = K.config_for(cpu, 8192, 1000, 1024, 128, torch.bfloat16, "tf32", True)
+    unaligned = K.config_for(cpu, 8192, 1000, 1000, 128, torch.bfloat16, "tf32", False)
+    assert aligned["block_n"] == 256 and aligned.get("aligned") is True
+    assert unaligned.get("aligned") is False and unaligned["block_m"] * unaligned["block_n"] < aligned["block_m"] * aligned["block_n"]
+
+
+def _set_fp32_precision(value):
+    """Set torch's fp32 matmul precision through the newest switch this torch has; returns a restore function."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = value
+        return lambda: setattr(matmul, "fp32_precision", old)
+    old = matmul.allow_tf32
+    matmul.allow_tf32 = value == "tf32"
+    return lambda: setattr(matmul, "allow_tf32", old)
+
+
+@pytest.mark.parametrize("setting", ["tf32", "ieee"])
+def test_fp32_precision_follows_torch_and_16_bit_inputs_use_tf32(setting, monkeypatch):
+    pytest.importorskip("triton")
+    from hello_fast.kernels import lora_linear as K
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the rule for GPUs (the interpreter always computes exactly)
+    restore = _set_fp32_precision(setting)
+    try:
+        assert K.precision_for(torch.float32) == setting
+        assert K.precision_for(torch.float32, torch.float32) == setting  # tn on two fp32 operands
+        assert K.precision_for(torch.bfloat16) == "tf32" and K.precision_for(torch.float32, torch.float16) == "tf32"
+    finally:
+        restore()
+
+
+def test_fp32_precision_follows_the_legacy_switch(monkeypatch):
+    pytest.importorskip("triton")
+    from hello_fast.kernels import lora_linear as K
+
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", "none") != "none":
+        pytest.skip("the new fp32_precision switch is set in this process; the legacy flag is not consulted")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    old = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert K._tf32_allowed() and K.precision_for(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert K.precision_for(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = old
+
+
+def test_fp32_with_ieee_precision_runs_cublas_unless_triton_is_named(monkeypatch):
+    pytest.importorskip("triton")
+    op = importlib.import_module("hello_fast.ops.lora_linear")  # the module (hello_fast.ops exports the function)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("HELLO_FAST_BACKEND", raising=False)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    restore = _set_fp32_precision("ieee")
+    try:
+        assert op._route("triton", None, on_gpu) == "torch"
+        assert op._route("triton", "triton", on_gpu) == "triton"
+        monkeypatch.setenv("HELLO_FAST_BACKEND", "triton")
+        assert op._route("triton", None, on_gpu) == "triton"
+        monkeypatch.delenv("HELLO_FAST_BACKEND")
+        assert op._route("triton", None, types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)) == "triton"
+    finally:
+        restore()
+    restore = _set_fp32_precision("tf32")
+    try:
+        assert op._route("triton", None, on_gpu) == "triton"
+    finally:
+        restore()
 
 
 @TRITON

@@ -40,14 +40,46 @@ def test_artifact_figure_is_the_size_of_the_written_file(tiny_run):
     assert results["storage"]["artifact_bytes"] == r["artifact_bytes"]
 
 
+def test_backbone_and_compact_artifact_sizes():
+    from hello_fast.models.clip import load_clip
+
+    r = storage_report(load_config("imagenet1k-ipc10"))
+    model = load_clip("RN50", None, calibrate=False).model
+    params, tower = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.visual.parameters())
+    assert 101e6 < params < 103e6 and 38e6 < tower < 39e6  # RN50: 102 M weights, 38.3 M in the image tower
+    # 2 bytes a weight (OpenAI's fp16 release) plus BatchNorm statistics: within 0.5 % of 2 x weights
+    assert 2 * params <= r["backbone_bytes"] <= 2.01 * params
+    assert 2 * tower <= r["backbone_image_tower_bytes"] <= 2.01 * tower
+    assert r["backbone_downloaded"] and r["backbone"] == "RN50 (openai)"
+    assert r["artifact_bytes"] == r["artifact_bytes_fp32"] and r["artifact_dtype"] == "fp32"
+    lora = r["artifact_lora_parameters"]
+    assert abs((r["artifact_bytes_fp32"] - r["artifact_bytes_fp16"]) - 2 * lora) < 2_000  # 2 bytes less a weight
+    assert lora < r["artifact_bytes_int8"] < 0.3 * r["artifact_bytes_fp32"]  # 1 byte a weight + one fp32 scale a row
+    assert storage_report(load_config("imagenet1k-ipc10", ["projector.artifact_dtype=int8"]))["artifact_bytes"] == r["artifact_bytes_int8"]
+
+
+def test_compact_artifact_figures_are_the_sizes_of_converted_files(tiny_run, tmp_path):
+    from conftest import tiny_config
+
+    from hello_fast.projector.artifact import convert_artifact
+
+    run, _ = tiny_run
+    r = storage_report(tiny_config(), 3, ["pattern 0", "pattern 1", "pattern 2"])
+    for dtype in ("fp16", "int8"):
+        assert convert_artifact(os.path.join(run, "projector", "artifact.safetensors"), str(tmp_path / f"{dtype}.st"), dtype) \
+            == r[f"artifact_bytes_{dtype}"]
+
+
 def test_storage_cli_json():
     out = subprocess.run([sys.executable, "-m", "hello_fast", "storage", "--config", "imagenet1k-ipc10", "--json"],
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
-    assert {"artifact_bytes", "sre2l_soft_label_bytes", "teacher_bytes"} <= set(data)
+    assert {"artifact_bytes", "artifact_bytes_fp16", "artifact_bytes_int8", "backbone_bytes", "sre2l_soft_label_bytes",
+            "teacher_bytes"} <= set(data)
     text = subprocess.run([sys.executable, "-m", "hello_fast", "storage", "--config", "imagenet1k-ipc10"],
                           capture_output=True, text=True, check=True).stdout
     assert "HeLlO label artifact" in text and "smaller than the stored labels" in text
+    assert "CLIP backbone, RN50 (openai)" in text and "downloaded once" in text
 
 
 def test_storage_benchmark_writes_its_results(tmp_path):

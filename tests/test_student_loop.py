@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from hello_fast import labels
 from hello_fast.data.distilled import load_distilled
 from hello_fast.errors import HelloError
+from hello_fast.labels import label_source
 from hello_fast.ops import augment_mix_reference
 from hello_fast.pipeline import Pipeline
 from hello_fast.projector.artifact import load_projector
@@ -47,6 +47,57 @@ def test_relabeler_equals_the_unmerged_projector(run_dir, rng):
         relabel(images)
 
 
+def test_relabeler_leaves_the_callers_projector_unchanged(run_dir, rng):
+    """Relabeler(projector, ...) merges and casts its own copy: the caller's weights, dtypes, flags stay."""
+    projector, meta = load_projector(_artifact(run_dir))
+    with torch.no_grad():
+        for _, m in projector.lora_modules():  # non-zero adapters: a merge would change the base weights
+            m.lora_b.normal_(generator=rng)
+    projector.train()
+    before = {k: v.clone() for k, v in projector.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in projector.named_parameters()}
+    relabel = Relabeler(projector, meta, device="cpu", dtype=torch.bfloat16)
+    assert relabel.projector is not projector and all(m.merged for _, m in relabel.projector.lora_modules())
+    after = projector.state_dict()
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert not any(m.merged for _, m in projector.lora_modules())
+    assert projector.training and {n: p.requires_grad for n, p in projector.named_parameters()} == grads
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=rng)
+    x = relabel.normalize(images)
+    with torch.no_grad():
+        want = projector.eval()(x)  # the caller's projector still computes the unmerged fp32 labels
+    assert torch.allclose(relabel(x), want, rtol=5e-2, atol=5e-2)  # bf16 copy
+
+
+def test_bench_baselines_build_their_own_labelers():
+    """`bench student-loop`: after the fast loop's Relabeler exists, the naive loop still gets the unmerged fp32 projector."""
+    import argparse
+
+    from hello_fast import bench
+
+    args = argparse.Namespace(student="resnet18", projector="hello-tiny-rn", batch=4, res=32, classes=5, conv_rank=2,
+                              head_rank=3, width=8, capture=False, device="cpu")
+    s = bench._Setup(args)
+    with torch.no_grad():
+        for _, m in s.projector.lora_modules():
+            m.lora_b.normal_(std=0.5)
+    reference = {k: v.clone() for k, v in s.projector.state_dict().items()}
+    fast = s.labeler("fast")
+    naive = s.labeler("naive")
+    assert fast.relabel.projector is not s.projector and naive is not s.projector
+    assert all(torch.equal(s.projector.state_dict()[k], v) for k, v in reference.items())
+    assert not any(m.merged for _, m in naive.lora_modules())
+    assert all(p.dtype == torch.float32 for p in naive.parameters())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        unmerged = naive(x)
+    merged = fast.relabel(x)
+    assert torch.allclose(merged, unmerged, rtol=1e-3, atol=1e-3)  # the same function, two implementations
+    assert s.labeler("teacher") is not s.labeler("teacher")
+
+
 def test_relabeler_refuses_other_backbone_weights(run_dir, tmp_path):
     from hello_fast.models.clip import load_clip
 
@@ -74,7 +125,8 @@ def test_resident_set_draws_every_image_once_per_epoch(run_dir):
 
 def _sources(run_dir, cfg, distilled, fast, out):
     pipe = Pipeline(cfg, run_dir, device="cpu")
-    return {name: pipe._label_source(name, distilled, out) for name in ("hard", "teacher", "projector")}
+    return {name: label_source(name, cfg, pipe.run, distilled, out, "cpu", pipe.data()[0])
+            for name in ("hard", "teacher", "projector")}
 
 
 def test_label_sources(run_dir, tmp_path):
@@ -100,9 +152,9 @@ def test_stored_labels_replay_the_teachers_schedule(run_dir, tmp_path):
     cfg = tiny_config("student.epochs=2")
     distilled = load_distilled(os.path.join(run_dir, "refine"))
     pipe = Pipeline(cfg, run_dir, device="cpu")
-    stored = pipe._label_source("stored", distilled, str(tmp_path))
+    stored = label_source("stored", pipe.cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
     assert stored.label_bytes == sum(f.stat().st_size for f in (tmp_path / "labels").glob("*.safetensors"))
-    teacher = pipe._label_source("teacher", distilled, str(tmp_path))
+    teacher = label_source("teacher", pipe.cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
     res = st.resident_set(cfg, distilled, "cpu")
     views = st.views_for(teacher, torch.device("cpu"), True)
     for epoch in (1, 2):  # the replayed batches are the ones a live loop would draw, with the teachers' labels
@@ -127,7 +179,8 @@ def test_fast_and_plain_steps_compute_the_same_thing(run_dir, tmp_path, source):
     grads, losses, targets = {}, {}, {}
     for loop in ("fast", "plain"):
         cfg.student.loop = loop
-        src = Pipeline(cfg, run_dir, device="cpu")._label_source(source, distilled, str(tmp_path))
+        pipe = Pipeline(cfg, run_dir, device="cpu")
+        src = label_source(source, cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
         res = st.resident_set(cfg, distilled, "cpu")
         steps = st._Steps(cfg, res, src, st.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
                           torch.device("cpu"), overlap=False)

@@ -77,6 +77,9 @@ int run_augment_mix(const Args& g) {
   auto partner = g.array<int64_t>("partner", B);
   auto lam = g.array<float>("lam", B);
   auto cut = g.array<int64_t>("cut", 4 * B);
+  const int64_t factor = g.v.count("shuffle_factor") ? g.i("shuffle_factor") : 0;  // 0: no ShufflePatches
+  std::vector<int64_t> shuffle;
+  if (factor > 0) shuffle = g.array<int64_t>("shuffle", static_cast<size_t>(2 * factor * B));
   AugmentMixArgs a{};
   a.src = src.data();
   a.s_n = g.i("src_stride", 0);
@@ -92,6 +95,8 @@ int run_augment_mix(const Args& g) {
   a.partner = partner.data();
   a.lam = lam.data();
   a.cut = cut.data();
+  a.shuffle = factor > 0 ? shuffle.data() : nullptr;
+  a.shuffle_factor = factor;
   a.batch = B;
   a.out_size = g.i("out_size");
   a.mode = static_cast<int>(g.i("mode"));

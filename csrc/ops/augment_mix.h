@@ -33,7 +33,8 @@ inline at::ScalarType view_dtype(int64_t code) {
 inline int64_t check_augment_shapes(const at::Tensor& src, const at::Tensor& index, const at::Tensor& crop,
                                     const at::Tensor& flip, const at::Tensor& partner, const at::Tensor& lam,
                                     const at::Tensor& cut, int64_t out_size, at::ArrayRef<double> mean,
-                                    at::ArrayRef<double> std, at::IntArrayRef dtypes) {
+                                    at::ArrayRef<double> std, at::IntArrayRef dtypes,
+                                    const c10::optional<at::Tensor>& shuffle) {
   TORCH_CHECK(src.dim() == 4 && src.size(1) == 3 && src.scalar_type() == at::kByte,
               "augment_mix: src must be uint8 (S, 3, H, W), got ", src.scalar_type(), " ", src.sizes());
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "augment_mix: index must be int64 (B,)");
@@ -55,6 +56,16 @@ inline int64_t check_augment_shapes(const at::Tensor& src, const at::Tensor& ind
               " views are written in one pass, got ", V);
   for (double s : std) TORCH_CHECK(s > 0, "augment_mix: std must be > 0");
   for (int64_t d : dtypes) view_dtype(d);
+  if (shuffle.has_value()) {
+    const auto& s = *shuffle;
+    TORCH_CHECK(s.dim() == 3 && s.size(0) == B && s.size(1) == 2 && s.scalar_type() == at::kLong,
+                "augment_mix: shuffle must be int64 (B, 2, factor)");
+    TORCH_CHECK(s.device() == src.device(), "augment_mix: all tensors must be on src's device");
+    const int64_t factor = s.size(2);
+    TORCH_CHECK(factor >= 1 && factor <= kMaxShuffleFactor && factor <= src.size(2) && factor <= src.size(3),
+                "augment_mix: the shuffle factor must lie in [1, ", kMaxShuffleFactor,
+                "] and not exceed the image's sides, got ", factor);
+  }
   return B;
 }
 

@@ -5,5 +5,6 @@
 namespace hello_fast {
 
 constexpr int kMaxViews = 4;  // augment_mix: normalised views written in one pass
+constexpr int kMaxShuffleFactor = 64;  // augment_mix: ShufflePatches strips per axis (an order fits a 64-bit mask)
 
 }  // namespace hello_fast

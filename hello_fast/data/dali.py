@@ -16,9 +16,12 @@ Three pipelines, each on the GPU (`device_id` an int: decoding `device="mixed"`)
 the same contract as the torch loader — uint8 (B, 3, S, S) batches, labels in the set's fixed
 class order, and the set indices — and the same per-(seed, epoch) order of images, with one
 pipeline per epoch seeded by (seed, epoch) so that a resumed run sees the batches an
-uninterrupted one would. A file DALI cannot decode is named in a warning and its slot taken by
-another image of the epoch (training; batches keep their shape and every rank its step count) or
-dropped (evaluation); with `on_bad_image: error` it stops with an error naming it.
+uninterrupted one would. The image check (hello_fast.data.validate) has left out the files that
+could crash DALI's parser before a run's sets are made; a file DALI still cannot decode (bytes of
+a format it lacks under an image name, a file changed since the check) is found (named by DALI,
+re-checked, or by halving the suspect batches through DALI's decoder), named in a warning and its
+slot taken by another image of the epoch (training; batches keep their shape and every rank its
+step count) or dropped (evaluation); with `on_bad_image: error` it stops with an error naming it.
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ import re
 import numpy as np
 import torch
 
+from hello_fast import distributed
 from hello_fast.data.resident import Batch, ResidentSet
 from hello_fast.errors import HelloError
+from hello_fast.ops.augment_mix import effective_lam, shuffle_patches
 
 # what DALI's image decoder reads (no GIF)
 DALI_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".jp2")
@@ -107,8 +112,8 @@ def _torchvision_centre_crop(encoded, images, size: int, resize: int):
     """torchvision's eval geometry per sample: the shorter side to `resize` and the longer to
     int(resize * long / short), then the `size` crop at round((side - size) / 2) (half to even),
     or centred in zero padding where the image is smaller than the crop."""
-    from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
 
     shape = fn.peek_image_shape(encoded, dtype=types.INT64)
     h, w = shape[0], shape[1]
@@ -169,6 +174,46 @@ def to_torch(tensor_list, device_id) -> torch.Tensor:
     return out
 
 
+def _decodes(files: list[str], device_id, num_threads: int) -> bool:
+    """True when DALI's decoder (on the pass's device) decodes every one of `files` in one batch."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(files), num_threads=num_threads, device_id=device_id, seed=0, prefetch_queue_depth=1)
+    def pipe():
+        encoded, _ = fn.readers.file(files=list(files), labels=list(range(len(files))), random_shuffle=False)
+        return fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    try:
+        p.run()
+    except RuntimeError:
+        return False
+    finally:
+        del p
+    return True
+
+
+def undecodable(files: list[str], *, device_id=None, num_threads: int = 2) -> list[int]:
+    """The positions in `files` that DALI's decoder refuses, found by halving failing groups (about 2 log2(n) pipelines per file).
+
+    For files the image check passed (hello_fast.data.validate): a file it has not seen can take
+    the process down inside DALI's parser.
+    """
+    _require()
+    bad, groups = [], [list(range(len(files)))] if files else []
+    while groups:
+        group = groups.pop()
+        if _decodes([files[k] for k in group], device_id, num_threads):
+            continue
+        if len(group) == 1:
+            bad.append(group[0])
+            continue
+        half = len(group) // 2
+        groups += [group[half:], group[:half]]
+    return sorted(bad)
+
+
 def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     """The slice of n files DALI's reader gives shard `shard_id` of `num_shards`."""
     return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
@@ -179,8 +224,6 @@ class FolderBatches:
 
     def __init__(self, images, order: torch.Tensor, *, size: int, batch_size: int, train: bool, seed: int, scale,
                  ratio, flip: bool, drop_last: bool, eval_resize, device, num_workers: int, sharded: bool):
-        from hello_fast import distributed
-
         _require()
         bad = unsupported_files(images.files)
         if bad:
@@ -226,10 +269,15 @@ class FolderBatches:
                     num_shards=num_shards, **self.kw)
 
     def _culprits(self, err: Exception, remaining: list[int]) -> list[int]:
+        """The images behind a failed batch: named by DALI, else found among this batch and the prefetched ones."""
         named = {os.path.abspath(m) for m in _FAILED.findall(str(err))}
         found = sorted({i for i in remaining if os.path.abspath(self.images.files[i]) in named})
-        if not found:  # no file named: look for it in this batch and the prefetched ones, decoding them here
-            found = sorted({i for i in remaining[: 3 * self.batch_size] if self.images.decode_error(i) is not None})
+        suspects = remaining[: 3 * self.batch_size]
+        if not found:  # the image check's verdict, taken now (a file changed since the run's check, or never checked)
+            found = sorted({i for i in suspects if self.images.decode_error(i) is not None})
+        if not found:  # a file PIL reads but DALI does not (GIF or ICO bytes under a .jpg name): ask DALI, halving
+            bad = undecodable([self.images.files[i] for i in suspects], device_id=self.device_id, num_threads=self.threads)
+            found = sorted(suspects[k] for k in bad)
         return found
 
     def __iter__(self):
@@ -274,12 +322,15 @@ class DaliDistilledSet:
     the CutMix/Mixup parameters come from the set's generator; crops and flips are drawn by DALI,
     whose pipeline is rebuilt every epoch with a seed from that generator (so a resumed run
     repeats an uninterrupted one). Stored-label replay needs the exact crops: it uses ResidentSet.
+    With shuffle_factor > 1 RDED's ShufflePatches orders are drawn with the mix parameters and
+    applied to the images (augment_mix's rule, a gather on the device) before DALI crops them.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, seed: int = 0, *, batch_size: int,
-                 out_size: int, scale, flip: bool, views, num_threads: int = 2):
+                 out_size: int, scale, flip: bool, views, num_threads: int = 2, shuffle_factor: int = 1):
         _require()
-        self.resident = ResidentSet(images, labels, device, seed)  # index stream and mix parameters
+        # index stream, mix parameters and ShufflePatches orders
+        self.resident = ResidentSet(images, labels, device, seed, shuffle_factor=shuffle_factor)
         self.generator = self.resident.generator
         self.device = self.resident.device
         self.device_id = _device_id(self.device)
@@ -322,7 +373,7 @@ class DaliDistilledSet:
 
     def draw(self, index, *, out_size: int, scale, flip: bool, mix: str, alpha: float) -> dict:
         params = self.resident.draw(index, out_size=out_size, scale=scale, flip=flip, mix=mix, alpha=alpha)
-        return {k: params[k] for k in ("partner", "lam", "cut")}
+        return {k: params[k] for k in ("partner", "lam", "cut", "shuffle") if k in params}
 
     my_share = staticmethod(ResidentSet.my_share)
 
@@ -331,6 +382,8 @@ class DaliDistilledSet:
         if self.pipe is None:
             raise RuntimeError("DaliDistilledSet.make before epoch_order")
         rows = self.hwc[index]
+        if "shuffle" in params:
+            rows = shuffle_patches(rows.permute(0, 3, 1, 2), params["shuffle"]).permute(0, 2, 3, 1).contiguous()
         self.pipe.feed_input("images", [rows[i] for i in range(rows.shape[0])] if self.device_id is not None
                              else [r.numpy() for r in rows.cpu()])
         outs = [to_torch(o, self.device_id).to(self.device) for o in self.pipe.run()]
@@ -361,10 +414,5 @@ def mix_views(x: torch.Tensor, partner, lam, cut, mode: str) -> torch.Tensor:
 
 
 def mix_weights(lam, cut, mode: str, out_size: int) -> torch.Tensor:
-    """lam_eff: each sample's own-label weight after mixing."""
-    if mode == "mixup":
-        return lam.float()
-    if mode == "cutmix":
-        area = (cut[:, 2] - cut[:, 0]).clamp(min=0) * (cut[:, 3] - cut[:, 1]).clamp(min=0)
-        return 1.0 - area.float() / float(out_size * out_size)
-    return torch.ones_like(lam, dtype=torch.float32)
+    """lam_eff: each sample's own-label weight after mixing (the one rule, hello_fast.ops.augment_mix.effective_lam)."""
+    return effective_lam(mode, lam, cut, out_size)

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import torch
+from PIL import Image
 
 from hello_fast._io import read_json, write_json
 from hello_fast.data.sources import TensorImageSet
@@ -24,8 +25,6 @@ def _slug(name: str) -> str:
 
 def save_distilled(directory: str, images: torch.Tensor, labels: torch.Tensor, class_names: list[str], info: dict) -> list[str]:
     """Write uint8 (N, 3, H, W) images as PNGs; returns their paths relative to `directory`."""
-    from PIL import Image
-
     files, counts = [], {}
     for img, label in zip(images.cpu(), labels.tolist()):
         k = counts.get(label, 0)
@@ -42,8 +41,6 @@ def save_distilled(directory: str, images: torch.Tensor, labels: torch.Tensor, c
 
 def load_distilled(directory: str) -> TensorImageSet:
     """Read a distilled set written by save_distilled."""
-    from PIL import Image
-
     index_path = os.path.join(directory, INDEX)
     if not os.path.isfile(index_path):
         raise HelloError(f"{directory} is not a distilled set (no {INDEX})")

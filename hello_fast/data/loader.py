@@ -3,8 +3,9 @@
 Training batches: RandomResizedCrop (torchvision's sampling rule) + horizontal flip, drawn from a
 per-sample generator seeded by (seed, epoch, index), so the augmentation stream is the same for
 any number of DataLoader workers or processes. Evaluation batches: resize the shorter side, then
-centre-crop. Images are decoded in DataLoader workers for file sets; unreadable images are
-dropped from their batch (FileImageSet warns, naming the file). Batches are uint8 (B, 3, S, S).
+centre-crop. Images are decoded in DataLoader workers for file sets. A run's folder sets have
+passed the image check (hello_fast.data.validate) already; an image that still fails to decode is
+dropped from its batch (FileImageSet warns, naming the file). Batches are uint8 (B, 3, S, S).
 `loader="dali"` hands file sets to hello_fast.data.dali instead: the same order, labels and kind
 of batch, decoded and augmented by DALI (on the GPU when the device is one).
 """
@@ -16,7 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from hello_fast.data.sources import ImageSet
+from hello_fast import distributed
+from hello_fast.data import dali
+from hello_fast.data.dali import FolderBatches
+from hello_fast.data.sources import FileImageSet, ImageSet
+from hello_fast.errors import HelloError
 
 _MIX = 1_000_003
 
@@ -108,10 +113,6 @@ class Batches:
 
 def resolve_loader(loader: str, images: ImageSet) -> str:
     """`dali` or `torch` for a pass over `images` (`auto`: DALI when installed and the images are files it reads)."""
-    from hello_fast.data import dali
-    from hello_fast.data.sources import FileImageSet
-    from hello_fast.errors import HelloError
-
     files = isinstance(images, FileImageSet)
     if loader == "torch":
         return "torch"
@@ -137,16 +138,12 @@ def batches(images: ImageSet, *, size: int, batch_size: int, train: bool, seed: 
     `loader`: torch (torchvision in DataLoader workers), dali (hello_fast.data.dali, on `device`)
     or auto. Both take the images in the same order and yield the same kind of batch.
     """
-    from hello_fast import distributed
-
     shuffle = train if shuffle is None else shuffle
     order = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if shuffle:
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
         order = order[torch.randperm(len(order), generator=g)]
     if resolve_loader(loader, images) == "dali":
-        from hello_fast.data.dali import FolderBatches
-
         return FolderBatches(images, order, size=size, batch_size=batch_size, train=train,
                               seed=sample_seed(seed, epoch, -2), scale=scale, ratio=ratio, flip=flip,
                               drop_last=drop_last, eval_resize=eval_resize, device=device,

@@ -1,10 +1,11 @@
 """A distilled set resident on the device as uint8, drawing augmented batches with one augment_mix call per step.
 
 The student loop's images never leave the device: each step draws crop/flip/mix parameters
-(sample_augment_params, RandomResizedCrop with the student's scale range, CutMix or Mixup) and one
-augment_mix call writes every view the step needs (the student's normalisation, CLIP's for the
-projector). Parameters are drawn from the set's own generator, so the stream of batches depends
-only on the seed and the schedule, not on what consumes it.
+(sample_augment_params, RandomResizedCrop with the student's scale range, CutMix or Mixup, and RDED's
+ShufflePatches with shuffle_factor > 1) and one augment_mix call writes every view the step needs
+(the student's normalisation, CLIP's for the projector). Parameters are drawn from the set's own
+generator, so the stream of batches depends only on the seed and the schedule, not on what
+consumes it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hello_fast import distributed
 from hello_fast.ops import augment_mix, sample_augment_params
 
 
@@ -29,13 +31,14 @@ class Batch:
 
 
 class ResidentSet:
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, seed: int = 0):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, seed: int = 0, shuffle_factor: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("ResidentSet: images must be uint8 (N, 3, H, W)")
         self.images = images.to(device).contiguous()
         self.labels = labels.to(device)
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
+        self.shuffle_factor = shuffle_factor  # > 1: RDED's ShufflePatches drawn with every batch
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -50,18 +53,15 @@ class ResidentSet:
 
     def draw(self, index: torch.Tensor, *, out_size: int, scale, flip: bool, mix: str, alpha: float) -> dict:
         """Parameters of a global batch; under torchrun each rank's share mixes within itself."""
-        from hello_fast import distributed
-
         H, W = self.images.shape[-2:]
         groups = distributed.share_sizes(index.shape[0]) if distributed.world().distributed else None
         return sample_augment_params(index, H, W, out_size=out_size, scale=scale, flip_prob=0.5 if flip else 0.0,
-                                     mode=mix, alpha=alpha, generator=self.generator, groups=groups)
+                                     mode=mix, alpha=alpha, generator=self.generator, groups=groups,
+                                     shuffle_factor=self.shuffle_factor)
 
     @staticmethod
     def my_share(index: torch.Tensor, params: dict, logits=None):
         """This rank's rows of a global batch (partners renumbered within the share)."""
-        from hello_fast import distributed
-
         if not distributed.world().distributed:
             return index, params, logits
         s = distributed.share(index.shape[0])

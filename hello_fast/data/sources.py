@@ -6,14 +6,16 @@ human-readable class names that CLIP's text prompts use.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from hello_fast.data import validate
+from hello_fast.data.class_names import folder_class_names
 from hello_fast.errors import HelloError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
@@ -25,6 +27,7 @@ class ImageSet:
 
     class_names: list[str]
     labels: torch.Tensor  # int64 (N,)
+    check: validate.ImageCheck | None = None  # the image check's verdicts (folder sets)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -70,7 +73,9 @@ class TensorImageSet(ImageSet):
 class FileImageSet(ImageSet):
     """Images decoded from files on access (PIL). Unreadable files are skipped with a warning, or stop.
 
-    `bad` holds the indices found unreadable so far (by PIL or by DALI); each is reported once.
+    The image check (hello_fast.data.validate) has left the bad files out before a run's sets are
+    made; `bad` holds the indices a loader found unreadable after that (by PIL or by DALI), each
+    reported once.
     """
 
     def __init__(self, files: list[str], labels: list[int], class_names: list[str], on_bad_image: str = "skip"):
@@ -86,21 +91,15 @@ class FileImageSet(ImageSet):
             raise HelloError(f"unreadable image {self.files[i]}: {reason} (data.on_bad_image: skip to skip such files)")
         if i not in self.bad:
             self.bad.add(i)
-            warnings.warn(f"skipping unreadable image {self.files[i]} ({reason})", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"skipping unreadable image {self.files[i]} ({reason})", RuntimeWarning, stacklevel=2)
 
     def _decode(self, i: int):
-        from PIL import Image
-
         with Image.open(self.files[i]) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
     def decode_error(self, i: int) -> str | None:
-        """Why image i does not decode, or None if it does."""
-        try:
-            self._decode(i)
-        except Exception as e:  # PIL raises many types for truncated or foreign files
-            return f"{type(e).__name__}: {e}"
-        return None
+        """Why image i must not be read (the image check's verdict, taken now), or None if it is readable."""
+        return validate.image_error(self.files[i])
 
     def load(self, i):
         try:
@@ -195,47 +194,8 @@ def procedural_splits(num_classes: int, per_class: int, size: int, val_fraction:
     )
 
 
-def _read_class_name_map(root: str) -> dict[str, str]:
-    """Human names for class folders: classes.json ({folder: name}) or an ImageNet synset mapping."""
-    path = os.path.join(root, "classes.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise HelloError(f"{path}: not a readable JSON mapping of class folder to name ({e})") from None
-        if not isinstance(data, dict):
-            raise HelloError(f"{path}: expected a JSON object mapping class folder to name")
-        return {str(k): str(v) for k, v in data.items()}
-    for fname in ("LOC_synset_mapping.txt", "synset_words.txt"):
-        path = os.path.join(root, fname)
-        if os.path.isfile(path):
-            out = {}
-            with open(path) as f:
-                for line in f:
-                    parts = line.strip().split(" ", 1)
-                    if len(parts) == 2:
-                        out[parts[0]] = parts[1].split(",")[0].strip()
-            return out
-    return {}
-
-
 def _human_names(folders: list[str], root: str) -> list[str]:
-    mapping = _read_class_name_map(root)
-    if not mapping and len(folders) == 1000 and all(f.startswith("n") and f[1:].isdigit() for f in folders):
-        # the 1000 ImageNet-1K synsets: open_clip's class names are in sorted-wnid order
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-        return list(IMAGENET_CLASSNAMES)
-    names = [mapping.get(f, f.replace("_", " ")) for f in folders]
-    unnamed = [f for f in folders if f not in mapping and f.startswith("n") and f[1:].isdigit()]
-    if unnamed:
-        warnings.warn(
-            f"{len(unnamed)} class folders look like WordNet ids ({unnamed[0]}, ...) but no names were found; "
-            "CLIP's text head will read the ids. Add classes.json or LOC_synset_mapping.txt to the data root.",
-            RuntimeWarning, stacklevel=2,
-        )
-    return names
+    return folder_class_names(folders, root)  # the naming rules live in data/class_names.py
 
 
 def _scan_class_folders(split_dir: str, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
@@ -255,13 +215,11 @@ def _scan_class_folders(split_dir: str, classes: list[str] | None) -> tuple[list
             continue  # a val split may lack some classes
         n = 0
         for entry in sorted(os.scandir(cdir), key=lambda e: e.name):
-            if not entry.is_file():
-                continue
-            if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            if entry.name.lower().endswith(IMAGE_EXTENSIONS):  # a folder named like an image too: the check names it
                 files.append(entry.path)
                 labels.append(label)
                 n += 1
-            elif not entry.name.startswith("."):
+            elif entry.is_file() and not entry.name.startswith("."):
                 ignored.append(entry.path)
         if n == 0:
             raise HelloError(f"class folder {cdir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -271,44 +229,66 @@ def _scan_class_folders(split_dir: str, classes: list[str] | None) -> tuple[list
     return classes, files, labels
 
 
-def folder_splits(root: str, val_fraction: float, on_bad_image: str) -> tuple[FileImageSet, FileImageSet]:
-    """An ImageNet-style folder: root/train/<class>/*, root/val/<class>/*; or root/<class>/* split here."""
+def _checked(files: list[str], labels: list[int], check: validate.ImageCheck, where: str, classes: list[str],
+             every_class: bool = True):
+    """The files (and labels) the check passed; a training class left with none is an error that names it."""
+    keep = [k for k, f in enumerate(files) if f not in check.bad]
+    present = {labels[k] for k in keep}
+    emptied = [classes[c] for c in dict.fromkeys(labels) if c not in present] if every_class else []
+    if emptied:
+        raise HelloError(f"class folder {os.path.join(where, emptied[0])} has no readable images "
+                         "(every image in it was left out by the image check)")
+    return [files[k] for k in keep], [labels[k] for k in keep]
+
+
+def folder_splits(root: str, val_fraction: float, on_bad_image: str, *, check: bool = True,
+                  cache: str | None = None) -> tuple[FileImageSet, FileImageSet]:
+    """An ImageNet-style folder: root/train/<class>/*, root/val/<class>/*; or root/<class>/* split here.
+
+    Every file passes the image check first (hello_fast.data.validate; `check=False`: directory
+    entries only), with its verdicts cached at `cache`; the files it leaves out are gone before
+    the split, so the others keep their split and order. Both sets carry the verdicts (`.check`).
+    """
     if not root:
         raise HelloError("no data folder given: pass --data DIR (an ImageNet-style folder with train/ and val/)")
     if not os.path.isdir(root):
         raise HelloError(f"data folder {root} does not exist")
     train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    vfiles, vlabels = [], []
     if os.path.isdir(train_dir):
+        where = train_dir
         classes, files, labels = _scan_class_folders(train_dir, None)
-        names = _human_names(classes, root)
-        train = FileImageSet(files, labels, names, on_bad_image)
         if os.path.isdir(val_dir):
             _, vfiles, vlabels = _scan_class_folders(val_dir, classes)
-            return train, FileImageSet(vfiles, vlabels, names, on_bad_image)
-        tr, va = _stratified_split(np.array(labels), val_fraction)
-        return (
-            FileImageSet([files[i] for i in tr], [labels[i] for i in tr], names, on_bad_image),
-            FileImageSet([files[i] for i in va], [labels[i] for i in va], names, on_bad_image),
-        )
-    if not any(os.scandir(root)):
-        raise HelloError(f"data folder {root} is empty (expected train/ and val/ class folders)")
-    classes, files, labels = _scan_class_folders(root, None)
+    else:
+        if not any(os.scandir(root)):
+            raise HelloError(f"data folder {root} is empty (expected train/ and val/ class folders)")
+        where = root
+        classes, files, labels = _scan_class_folders(root, None)
+    verdicts = validate.screen(files + vfiles, on_bad_image=on_bad_image, cache=cache, full=check)
+    files, labels = _checked(files, labels, verdicts, where, classes)
+    vfiles, vlabels = _checked(vfiles, vlabels, verdicts, val_dir, classes, every_class=False)
     names = _human_names(classes, root)
-    tr, va = _stratified_split(np.array(labels), val_fraction)
-    return (
-        FileImageSet([files[i] for i in tr], [labels[i] for i in tr], names, on_bad_image),
-        FileImageSet([files[i] for i in va], [labels[i] for i in va], names, on_bad_image),
-    )
+    if vfiles:
+        sets = FileImageSet(files, labels, names, on_bad_image), FileImageSet(vfiles, vlabels, names, on_bad_image)
+    else:
+        tr, va = _stratified_split(np.array(labels), val_fraction)
+        sets = (FileImageSet([files[i] for i in tr], [labels[i] for i in tr], names, on_bad_image),
+                FileImageSet([files[i] for i in va], [labels[i] for i in va], names, on_bad_image))
+    for s in sets:
+        s.check = verdicts
+    return sets
 
 
-def load_splits(data_cfg, class_names: list[str] | None = None) -> tuple[ImageSet, ImageSet]:
-    """The (train, val) image sets of a config's `data` section."""
+def load_splits(data_cfg, class_names: list[str] | None = None, check_cache: str | None = None) -> tuple[ImageSet, ImageSet]:
+    """The (train, val) image sets of a config's `data` section (folders: checked, verdicts cached at `check_cache`)."""
     if data_cfg.source == "digits":
         train, val = digits_splits(data_cfg.image_size, data_cfg.val_fraction)
     elif data_cfg.source == "procedural":
         train, val = procedural_splits(data_cfg.procedural_classes, data_cfg.procedural_per_class, data_cfg.image_size, data_cfg.val_fraction)
     else:
-        train, val = folder_splits(data_cfg.root, data_cfg.val_fraction, data_cfg.on_bad_image)
+        train, val = folder_splits(data_cfg.root, data_cfg.val_fraction, data_cfg.on_bad_image, check=data_cfg.validate,
+                                   cache=check_cache)
     if data_cfg.num_classes is not None and train.num_classes != data_cfg.num_classes:
         raise HelloError(
             f"the data has {train.num_classes} classes but the config expects {data_cfg.num_classes} "

@@ -6,19 +6,33 @@ the dataset-distillation literature); ResNet-18's variant also takes a base widt
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock
+from torchvision.models.swin_transformer import (
+    PatchMergingV2,
+    SwinTransformer,
+    SwinTransformerBlockV2,
+)
 
+from hello_fast import distributed
+from hello_fast.config import StudentArch
 from hello_fast.errors import HelloError
 
-ARCHS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x1_0", "swin_v2_t", "vgg11")
+ARCHS = typing.get_args(StudentArch)  # declared once, with the config option that names them
 SMALL_IMAGE_MAX = 64
 
 # the students' (and weak teachers') input normalisation: torchvision's ImageNet statistics
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# RDED's AdamW learning rate per student (LINs-lab/RDED argument.py, `--adamw-lr` by `--stud-name`): the student's
+# rate when student.lr is not set. RDED's table has no ShuffleNetV2: 1e-3, its rate for the ResNets and ConvNets.
+RDED_LR = {"resnet18": 1e-3, "mobilenet_v2": 2.5e-3, "efficientnet_b0": 2e-3, "vgg11": 5e-4, "swin_v2_t": 1e-4,
+           "shufflenet_v2_x1_0": 1e-3}
 
 
 def is_small(image_size: int) -> bool:
@@ -65,7 +79,6 @@ def build_model(arch: str, num_classes: int, image_size: int, width: int | None 
     if arch == "swin_v2_t":
         if not small:
             return torchvision.models.swin_v2_t(num_classes=num_classes)
-        from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
         return SwinTransformer(
             patch_size=[2, 2], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=[4, 4],
@@ -85,15 +98,31 @@ def build_model(arch: str, num_classes: int, image_size: int, width: int | None 
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def learning_rate(arch: str, lr: float | None = None) -> float:
+    """The student's AdamW learning rate: `lr` when given, else RDED's value for `arch` (RDED_LR)."""
+    if lr is not None:
+        return float(lr)
+    if arch not in RDED_LR:
+        raise HelloError(f"no learning rate in RDED's table for {arch!r}; set student.lr")
+    return RDED_LR[arch]
+
+
+def decay_groups(model: nn.Module, weight_decay: float, *, norms_and_biases: bool = True) -> list[dict]:
+    """AdamW parameter groups. norms_and_biases=False is RDED's rule (validation/utils.py get_parameters): decay only on
+    the parameters named `*weight*` with two or more dimensions (conv and linear weights); normalisation weights,
+    biases and every other parameter (e.g. Swin's position-bias tables, logit scales) get none. True: one group,
+    decay on everything (torch's default)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if norms_and_biases:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    decayed = [p for n, p in params if "weight" in n and p.dim() > 1]
+    kept = [p for n, p in params if not ("weight" in n and p.dim() > 1)]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
 def top1(model: nn.Module, batches, device, normalize) -> float:
     """Top-1 accuracy in percent over (uint8 images, labels) batches, summed over ranks when they are sharded."""
-    from hello_fast import distributed
-
     was_training = model.training
     model.eval()
     correct = total = 0

@@ -8,7 +8,8 @@ Roles of the two GPU backends (the README's "Backend roles" says the same):
 - CUDA (csrc/ops/cuda) leads for augment_mix and soft_label_loss wherever the extension was built
   with it. It is compiled ahead of time, one kernel per op for every mode, view count and dtype,
   so no call waits for a JIT compile of a new variant; nvcc (-O3, sm_80 / sm_90) reports no
-  spills for any of them, at 48 / 40 registers for augment_mix and 32 / 32-40 for soft_label_loss,
+  spills for any of them, at 48 / 40 registers for augment_mix (56 / 62 for its ShufflePatches
+  instantiation) and 32 / 32-40 for soft_label_loss,
   fixed for every mode and view count (Triton's vary per compiled variant: see
   benchmarks/results/gpu_static.json); and the sources run, unchanged, under the project's CPU
   emulation with AddressSanitizer and ThreadSanitizer in CI (tests/test_cuda_emulated.py).
@@ -25,6 +26,7 @@ import os
 import torch
 
 from hello_fast import _extension
+from hello_fast.ops import _registrations
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 ENV_VAR = "HELLO_FAST_BACKEND"
@@ -33,8 +35,11 @@ CUDA_THEN_TRITON = ("cuda", "triton", "cpp", "torch")
 
 
 def extension():
-    """The loaded `hello_fast._C` module, or None (the package warned once about it)."""
-    return _extension.load()
+    """The loaded `hello_fast._C` module, or None (the package warned once about it); its ops' fake impls registered."""
+    ext = _extension.load()
+    if ext is not None:
+        _registrations.register()
+    return ext
 
 
 def extension_status() -> str:

@@ -1,9 +1,14 @@
 """The student loop's augmentation in one op: crop + bilinear resize + flip + CutMix/Mixup + normalise into several views.
 
-`augment_mix(src, index, crop, flip, partner, lam, cut, mode=, out_size=, views=)` returns the
-normalised views and each sample's effective own-label weight `lam_eff`:
+`augment_mix(src, index, crop, flip, partner, lam, cut, mode=, out_size=, views=, shuffle=)` returns
+the normalised views and each sample's effective own-label weight `lam_eff`:
+  image[b] = src[index[b]], or with `shuffle` (int64 (B, 2, factor)) RDED's ShufflePatches of it:
+            the image cut into `factor` horizontal strips put in the order shuffle[b, 0] and
+            `factor` vertical strips put in the order shuffle[b, 1] (strip k of the result is
+            strip shuffle[b, ., k] of the source; strips are size // factor pixels, the last
+            source strip also takes the remainder, so the image keeps its size);
   base[b] = bilinear resize (align_corners=False, no antialias, as F.interpolate) of the crop
-            crop[b] = (top, left, height, width) of src[index[b]], flipped left-right if flip[b];
+            crop[b] = (top, left, height, width) of image[b], flipped left-right if flip[b];
   mixup:  x[b] = lam[b] base[b] + (1 - lam[b]) base[partner[b]],      lam_eff = lam;
   cutmix: x[b] = base[b] with the box cut[b] = (top, left, bottom, right) from base[partner[b]],
           lam_eff[b] = 1 - box area / out_size^2;
@@ -11,11 +16,19 @@ normalised views and each sample's effective own-label weight `lam_eff`:
   view v = ((x / 255 - mean_v) / std_v).to(dtype_v), shape (B, 3, out_size, out_size).
 `sample_augment_params` draws crop/flip/partner/lam/cut by torchvision's RandomResizedCrop rule
 and the CutMix/Mixup rules (lam ~ Beta(alpha, alpha), box clipped to the image, lam corrected to
-the box's area).
+the box's area), and with `shuffle_factor > 1` the strip orders (uniform permutations, drawn per
+image, as RDED's ShufflePatches does per image before its RandomResizedCrop).
+
+The backends fold the shuffle into the source coordinates: a bilinear tap at (y, x) of the
+shuffled image reads the source pixel (rows[y], cols[x]) given by `strip_source_index`.
+RDED's ShufflePatches (LINs-lab/RDED validation/utils.py) drops the remainder when a side is not
+a multiple of the factor (its last-strip test compares a pixel offset with the strip count), so
+its output shrinks to factor * (size // factor); here the last strip keeps it, as that code
+intends. The two agree whenever the factor divides the size (RDED's 224 px images, factor 2).
 
 One semantics for every backend (Triton, CUDA, C++, the reference): this module checks the
 arguments once, before dispatching (at most MAX_VIEWS views of float32/float16/bfloat16; crops,
-indices, partners and boxes in range, else IndexError), every backend computes the pixels in
+indices, partners, boxes and strip orders in range, else IndexError), every backend computes the pixels in
 float32 and rounds once into each view's dtype, and `effective_lam` is the only place lam_eff
 is computed. The csrc ops keep TORCH_CHECKs with the same limits for C++ callers.
 """
@@ -28,10 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast.ops import _backend
+from hello_fast.ops._limits import DTYPE_CODES, MAX_VIEWS, strip_source_index
 
 MODES = ("none", "mixup", "cutmix")
-MAX_VIEWS = 4  # csrc/ops/limits.h kMaxViews; the Triton kernel's MAX_VIEWS
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the csrc op's view dtype codes
+MAX_SHUFFLE_FACTOR = 64  # csrc/ops/limits.h kMaxShuffleFactor (the CUDA kernel checks a strip order in a 64-bit mask)
 # preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
 _OFFERED = _backend.CUDA_THEN_TRITON
 
@@ -55,7 +68,7 @@ def _views_spec(views):
     return out
 
 
-def _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size):
+def _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle=None):
     """Dtypes, shapes, devices and the mode (no data read: always checked); returns B."""
     if mode not in MODES:
         raise ValueError(f"augment_mix: mode must be one of {MODES}, got {mode!r}")
@@ -73,12 +86,23 @@ def _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size):
             raise ValueError(f"augment_mix: {name} is on {t.device}, src on {src.device}")
     if B == 0:
         raise ValueError("augment_mix: empty batch")
+    if shuffle is not None:
+        H, W = src.shape[-2:]
+        if shuffle.dtype != torch.long or shuffle.dim() != 3 or tuple(shuffle.shape[:2]) != (B, 2):
+            raise ValueError(f"augment_mix: shuffle must be int64 of shape ({B}, 2, factor), got {shuffle.dtype} "
+                             f"{tuple(shuffle.shape)}")
+        factor = shuffle.shape[2]
+        if not 1 <= factor <= min(MAX_SHUFFLE_FACTOR, H, W):
+            raise ValueError(f"augment_mix: the shuffle factor must lie in [1, {min(MAX_SHUFFLE_FACTOR, H, W)}] "
+                             f"(at most {MAX_SHUFFLE_FACTOR} and the image's {H}x{W} sides), got {factor}")
+        if shuffle.device != src.device:
+            raise ValueError(f"augment_mix: shuffle is on {shuffle.device}, src on {src.device}")
     return B
 
 
-def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size):
+def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle=None):
     """Raise ValueError/IndexError for anything malformed or out of range (reads the parameters on the host); returns B."""
-    B = _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size)
+    B = _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle)
     S, _, H, W = src.shape
     idx = index.cpu()
     if int(idx.min()) < 0 or int(idx.max()) >= S:
@@ -101,7 +125,23 @@ def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size
             raise IndexError(f"augment_mix: cut[{b}] = {k[b].tolist()} (top, left, bottom, right) is not a box inside {out_size}x{out_size}")
     if mode == "mixup" and not bool(torch.isfinite(lam).all()):
         raise ValueError("augment_mix: lam must be finite")
+    if shuffle is not None:
+        order = shuffle.cpu()
+        bad = (order.sort(-1).values != torch.arange(order.shape[-1])).any(-1)  # (B, 2)
+        if bool(bad.any()):
+            b, axis = bad.nonzero()[0].tolist()
+            raise IndexError(f"augment_mix: shuffle[{b}, {axis}] = {order[b, axis].tolist()} is not an order of the "
+                             f"{order.shape[-1]} strips (a permutation of 0..{order.shape[-1] - 1})")
     return B
+
+
+def shuffle_patches(images: torch.Tensor, shuffle: torch.Tensor) -> torch.Tensor:
+    """RDED's ShufflePatches of a batch (B, C, H, W) with the strip orders `shuffle` (B, 2, F): the shuffled images."""
+    B, C, H, W = images.shape
+    rows = strip_source_index(shuffle[:, 0].to(images.device), H)  # (B, H)
+    cols = strip_source_index(shuffle[:, 1].to(images.device), W)  # (B, W)
+    out = images.gather(2, rows[:, None, :, None].expand(B, C, H, W))
+    return out.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
 
 def effective_lam(mode: str, lam: torch.Tensor, cut: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -115,17 +155,19 @@ def effective_lam(mode: str, lam: torch.Tensor, cut: torch.Tensor, out_size: int
     return torch.ones(lam.shape, dtype=torch.float32, device=lam.device)
 
 
-def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views):
+def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, shuffle=None):
     """The PyTorch reference (fp32 math, one F.interpolate per sample): CPU fallback and test oracle."""
     views = _views_spec(views)
     crops = crop.tolist()
     idx = index.tolist()
     flips = flip.tolist()
+    # each sample's image: the source, or its ShufflePatches built explicitly
+    images = src[index] if shuffle is None else shuffle_patches(src[index], shuffle)
     base = []
     for b in range(len(idx)):
         # the source pixels of sample b: its crop, resized and flipped
         top, left, h, w = crops[b]
-        patch = src[idx[b], :, top : top + h, left : left + w].float()[None]
+        patch = images[b, :, top : top + h, left : left + w].float()[None]
         img = F.interpolate(patch, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=False)[0]
         base.append(img.flip(-1) if flips[b] else img)
     base = torch.stack(base)
@@ -146,37 +188,42 @@ def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, ou
     return tuple(out), effective_lam(mode, lam, cut, out_size)
 
 
-def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, channels_last=False, check=True,
-                backend=None):
-    """Crop, resize, flip, mix and normalise a batch from the image set `src` in one pass.
+def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, views, shuffle=None, channels_last=False,
+                check=True, backend=None):
+    """(ShufflePatches,) crop, resize, flip, mix and normalise a batch from the image set `src` in one pass.
 
     Returns (tuple of one tensor per view, lam_eff float32 (B,)). See the module docstring.
+    `shuffle`: None, or each sample's strip orders int64 (B, 2, factor) (sample_augment_params' "shuffle").
     `channels_last` writes the views in channels-last memory. `check=False` skips the range checks, which read the
     parameters on the host (a device sync): use it only for parameters from sample_augment_params. Out-of-range
     parameters are then undefined behaviour; the CUDA kernel writes NaN for such a sample rather than read outside
     `src`, the C++ CPU op still raises.
     """
     if check:
-        check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size)
+        check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle)
     else:
-        _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size)
+        _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle)
     spec = _views_spec(views)
     name = _backend.choose("augment_mix", backend, src.device, _OFFERED)
     if name == "torch":
-        out, _ = augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=spec)
+        out, _ = augment_mix_reference(src, index, crop, flip, partner, lam, cut, mode=mode, out_size=out_size, views=spec,
+                                       shuffle=shuffle)
         if channels_last:
             out = tuple(v.contiguous(memory_format=torch.channels_last) for v in out)
     elif name == "triton":
-        from hello_fast.kernels import augment_mix as kern  # triton is an optional dependency
+        from hello_fast.kernels import (
+            augment_mix as kern,  # triton is an optional dependency
+        )
 
         # the launcher still returns a lam_eff of its own: ignored, every backend's comes from effective_lam
-        out, _ = kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last)
+        out, _ = kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last,
+                                  shuffle=shuffle)
     else:
         mean = [m for v in spec for m in v[0]]
         std = [s for v in spec for s in v[1]]
         codes = [DTYPE_CODES[v[2]] for v in spec]
         out = torch.ops.hello_fast.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), mean, std,
-                                               codes, bool(channels_last))
+                                               codes, bool(channels_last), shuffle)
     return tuple(out), effective_lam(mode, lam, cut, out_size)
 
 
@@ -187,8 +234,9 @@ def _beta(alpha: float, n: int, g: torch.Generator) -> np.ndarray:
 
 def sample_augment_params(index, height: int, width: int, *, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                           flip_prob: float = 0.5, mode: str = "cutmix", alpha: float = 1.0, per_sample: bool = False,
-                          generator: torch.Generator | None = None, groups: list[int] | None = None):
-    """Draw crop, flip, partner, lam and cut for a batch of images of size height x width.
+                          generator: torch.Generator | None = None, groups: list[int] | None = None,
+                          shuffle_factor: int = 1):
+    """Draw crop, flip, partner, lam and cut (and shuffle) for a batch of images of size height x width.
 
     Crops follow torchvision's RandomResizedCrop (10 tries, then the centre-crop fallback);
     partner is a random permutation of the batch; lam ~ Beta(alpha, alpha) once per batch (the
@@ -197,10 +245,18 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
     Everything is drawn from `generator` (a CPU generator) and placed on `index.device`.
     `groups`: sizes of consecutive row groups that mix only among themselves (data-parallel ranks'
     shares of a global batch); None is one group, drawn exactly as before.
-    Returns a dict with crop, flip, partner, lam, cut.
+    `shuffle_factor` > 1: also RDED's ShufflePatches, a uniform order of the `shuffle_factor` row
+    strips and of the column strips per image ("shuffle", int64 (B, 2, shuffle_factor)), drawn after
+    everything else (the other parameters are those drawn without it); the crop is then a crop
+    of the shuffled image (RDED: ShufflePatches before RandomResizedCrop).
+    Returns a dict with crop, flip, partner, lam, cut (and shuffle).
     """
     if mode not in MODES:
         raise ValueError(f"sample_augment_params: mode must be one of {MODES}, got {mode!r}")
+    if isinstance(shuffle_factor, bool) or not isinstance(shuffle_factor, int) or not (
+            1 <= shuffle_factor <= min(MAX_SHUFFLE_FACTOR, height, width)):
+        raise ValueError(f"sample_augment_params: shuffle_factor must be an int in [1, "
+                         f"{min(MAX_SHUFFLE_FACTOR, height, width)}] for {height}x{width} images, got {shuffle_factor!r}")
     g = generator if generator is not None else torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
     B = index.shape[0]
     device = index.device
@@ -250,7 +306,10 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
         l0 = (cx - cut_len // 2).clamp(0, out_size)
         r1 = (cx + cut_len // 2).clamp(0, out_size)
         cut = torch.stack([t0, l0, b1, r1], 1)
-    return {
+    out = {
         "crop": crop.to(device), "flip": flip.to(device), "partner": partner.to(device),
         "lam": lam.to(device), "cut": cut.to(device),
     }
+    if shuffle_factor > 1:
+        out["shuffle"] = torch.rand(B, 2, shuffle_factor, generator=g).argsort(-1).to(device)
+    return out

@@ -5,13 +5,18 @@ leading dims and strides, weight (N, K), lora_a (r, K), lora_b (N, r), bias (N,)
 x A^T intermediate and all accumulation are fp32; the output has x's dtype. Autograd gives
 gradients for x, lora_a, lora_b, and bias/weight when they require them. Backends: "triton"
 (one fused kernel, hello_fast.kernels.lora_linear) and "torch" (the reference below, also the
-CPU fallback); HELLO_FAST_BACKEND prefers one.
+CPU fallback); HELLO_FAST_BACKEND prefers one. fp32 inputs follow torch's fp32 matmul setting: with
+TF32 allowed the Triton kernel runs on TF32 tensor cores; with IEEE precision (torch's default) no
+Triton tile has tensor cores and the large ones spill (benchmarks/gpu_static.py), so the op runs the
+cuBLAS-backed reference unless Triton is asked for by name (`backend="triton"` or the env var).
 
 `lora_linear_multi(x, weight, lora_a (n, r, K), lora_b (n, N, r), adapter_index (rows,), scales
 (n,), bias=None)`: row m uses adapter adapter_index[m] (one backbone serving several label
 artifacts in one batch).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +69,25 @@ def _check(x, weight, lora_a, lora_b, bias):
             raise ValueError(f"lora_linear: {name} is on {t.device}, x on {x.device}")
 
 
+def _triton_is_fast(dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel is the fast path on a GPU for inputs of `dtype` under torch's current
+    fp32 matmul setting: not for fp32 with IEEE precision, where tl.dot has no tensor cores (a CUDA-core
+    FMA GEMM that loses to cuBLAS and spills at the large tiles)."""
+    from hello_fast.kernels import (
+        lora_linear as kern,  # imports triton: only called once Triton is usable
+    )
+
+    return kern.precision_for(dtype) != "ieee"
+
+
+def _route(name: str, requested: str | None, x: torch.Tensor) -> str:
+    """The dispatcher's pick, except that where Triton is not the fast path the reference (cuBLAS) runs,
+    unless Triton was asked for by name (`backend=` or the env var)."""
+    if name != "triton" or x.device.type != "cuda" or "triton" in (requested, os.environ.get(_backend.ENV_VAR)):
+        return name
+    return name if _triton_is_fast(x.dtype) else "torch"
+
+
 class _LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, lora_a, lora_b, bias, scale):
@@ -105,10 +129,11 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, backend=None):
     """x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T with an fp32 LoRA intermediate.
 
     Any leading dims and strides for x; autograd for x, lora_a, lora_b (and weight, bias).
-    `backend`: "triton", "torch" or None (the best available; Triton on CUDA tensors).
+    `backend`: "triton", "torch" or None (the best available: Triton on CUDA tensors, except fp32 with
+    IEEE precision, where cuBLAS runs the reference).
     """
     _check(x, weight, lora_a, lora_b, bias)
-    name = _backend.choose("lora_linear", backend, x.device, _OFFERED)
+    name = _route(_backend.choose("lora_linear", backend, x.device, _OFFERED), backend, x)
     if name == "torch":
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
     lead = x.shape[:-1]
@@ -135,7 +160,7 @@ def lora_linear_multi(x, weight, lora_a, lora_b, adapter_index, scales, bias=Non
         raise ValueError(f"lora_linear_multi: {scales.numel()} scales for {n} adapters")
     if adapter_index.numel() and (int(adapter_index.min()) < 0 or int(adapter_index.max()) >= n):
         raise IndexError(f"lora_linear_multi: adapter_index must lie in [0, {n})")
-    name = _backend.choose("lora_linear_multi", backend, x.device, _OFFERED)
+    name = _route(_backend.choose("lora_linear_multi", backend, x.device, _OFFERED), backend, x)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias))
     if name == "torch" or grad:
         return lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_index, scales, bias)

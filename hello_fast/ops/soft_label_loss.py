@@ -111,7 +111,9 @@ def _csrc(student, target, hard, partner, lam, mode, temperature, beta, with_gra
 
 
 def _triton(student, target, hard, partner, lam, mode, temperature, beta, with_grad):
-    from hello_fast.kernels import soft_label_loss as kern  # triton is an optional dependency
+    from hello_fast.kernels import (
+        soft_label_loss as kern,  # triton is an optional dependency
+    )
 
     return kern.soft_label_loss(student, target, hard, partner, lam, mode, temperature, beta, with_grad)
 

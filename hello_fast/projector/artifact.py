@@ -1,11 +1,15 @@
 """The label artifact: the projector's LoRA tensors in safetensors, with the metadata to rebuild it.
 
-What is stored: every LoRA A and B (fp32), and as metadata the backbone (open_clip name, weights
-source, sha256 of its weights), the class names in order, the prompt templates, the ranks and
-scale, CLIP's normalisation and resolution, a sha256 of the tensors, and the format version.
-The head's base weight is not stored: it is CLIP's zero-shot classifier, rebuilt from the
+What is stored: every LoRA A and B, in fp32, fp16, or int8 with one fp32 scale per output channel
+(row) of each matrix (`<layer>.lora_a.scale`: symmetric, scale = max|row| / 127); and as metadata
+the backbone (open_clip name, weights source, activation, sha256 of its architecture config and of
+its weights), the class names in order, the prompt templates, the ranks and scale, CLIP's
+normalisation and resolution, the tensors' dtype, a sha256 of the stored tensors, and the format
+version. The head's base weight is not stored: it is CLIP's zero-shot classifier, rebuilt from the
 backbone's text tower and the class names. Loading checks all of it and refuses, with a clear
-message, files that are truncated, foreign, tampered with, or made for other weights or classes.
+message, files that are truncated, foreign, tampered with, or made for another backbone function
+(weights, architecture or activation) or other classes; fp16 and int8 tensors come back as fp32.
+Format 1 (fp32 only, no activation record) is still read.
 """
 from __future__ import annotations
 
@@ -15,10 +19,16 @@ import os
 
 import torch
 
+from hello_fast import __version__
+from hello_fast._io import atomic_path
 from hello_fast.errors import HelloError
+from hello_fast.models.clip import expected_activation, load_clip
+from hello_fast.projector.model import build_projector
 
 FORMAT = "hello_fast.label_artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DTYPES = ("fp32", "fp16", "int8")
+_INT8_MAX = 127
 # all metadata is one sorted JSON document under this key: safetensors keeps metadata in a hash
 # map, so several keys would be written in a random order and the file would not be reproducible
 META_KEY = FORMAT
@@ -35,9 +45,10 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def artifact_metadata(projector, backbone, class_names, templates, *, conv_rank, head_rank, linear_rank, alpha, extra=None) -> dict:
-    from hello_fast import __version__
-
+def artifact_metadata(projector, backbone, class_names, templates, *, conv_rank, head_rank, linear_rank, alpha,
+                      dtype: str = "fp32", extra=None) -> dict:
+    if dtype not in DTYPES:
+        raise HelloError(f"artifact dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -52,6 +63,7 @@ def artifact_metadata(projector, backbone, class_names, templates, *, conv_rank,
         "std": list(backbone.std),
         "image_size": backbone.image_size,
         "logit_scale": backbone.logit_scale,
+        "dtype": dtype,
         "created_by": f"hello_fast {__version__}",
     }
     if extra:
@@ -59,18 +71,49 @@ def artifact_metadata(projector, backbone, class_names, templates, *, conv_rank,
     return meta
 
 
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row (output channel): t ~ q * scale[:, None, ...]."""
+    rows = t.detach().float().reshape(t.shape[0], -1)
+    amax = rows.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))  # an all-zero row (untrained B) stays zero
+    q = torch.round(rows / scale[:, None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    return q.reshape(t.shape), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (q.float().reshape(q.shape[0], -1) * scale.float()[:, None]).reshape(q.shape)
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """fp32 LoRA tensors as the artifact stores them in `dtype` (int8 adds a `<name>.scale` per tensor)."""
+    if dtype not in DTYPES:
+        raise HelloError(f"artifact dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().float().cpu().contiguous()
+        if dtype == "fp32":
+            out[name] = t
+        elif dtype == "fp16":
+            half = t.half()
+            if not torch.isfinite(half).all():
+                raise HelloError(f"LoRA tensor {name} overflows fp16 (max |x| {t.abs().max().item():.3g}); keep the artifact in fp32")
+            out[name] = half
+        else:
+            out[name], out[f"{name}.scale"] = quantize_rows(t)
+    return out
+
+
 def artifact_bytes(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
-    """The exact bytes of the artifact file for these tensors and metadata."""
+    """The exact bytes of the artifact file for these fp32 LoRA tensors and metadata (stored in meta's dtype)."""
     from safetensors.torch import save
 
-    meta = dict(meta, tensors_sha256=tensors_sha256(tensors))
-    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    stored = encode_tensors(tensors, meta.get("dtype", "fp32"))
+    meta = dict(meta, tensors_sha256=tensors_sha256(stored))
+    return save({k: v.contiguous() for k, v in stored.items()}, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def save_artifact(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Write the artifact atomically; returns its size in bytes."""
-    from hello_fast._io import atomic_path
-
     data = artifact_bytes(tensors, meta)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -78,8 +121,12 @@ def save_artifact(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> in
     return len(data)
 
 
-def read_artifact(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(LoRA tensors, metadata) of a label artifact, validated; HelloError on anything wrong."""
+def read_artifact(path: str, decode: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(LoRA tensors, metadata) of a label artifact, validated; HelloError on anything wrong.
+
+    The tensors come back as fp32 (fp16 widened, int8 multiplied by its scales); `decode=False`
+    gives them as stored.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -110,24 +157,86 @@ def read_artifact(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise HelloError(f"{path}: artifact format version {meta['format_version']} is newer than this hello_fast reads ({FORMAT_VERSION}); upgrade hello_fast")
     if tensors_sha256(tensors) != meta["tensors_sha256"]:
         raise HelloError(f"{path}: the LoRA tensors do not match the checksum in the metadata (corrupted or edited)")
+    meta.setdefault("dtype", "fp32")  # format 1 stored fp32 only
     _check_consistency(path, tensors, meta)
-    return tensors, meta
+    return (decode_tensors(tensors, meta["dtype"]) if decode else tensors), meta
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+
+
+def decode_tensors(stored: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """The fp32 LoRA tensors of an artifact's stored tensors."""
+    if dtype == "int8":
+        return {k: dequantize_rows(t, stored[f"{k}.scale"]) for k, t in stored.items() if not k.endswith(".scale")}
+    return {k: t.float() for k, t in stored.items()}
 
 
 def _check_consistency(path, tensors, meta) -> None:
     names = meta["class_names"]
     if not isinstance(names, list) or not names:
         raise HelloError(f"{path}: the artifact lists no class names")
+    dtype = meta["dtype"]
+    if dtype not in DTYPES:
+        raise HelloError(f"{path}: unknown tensor dtype {dtype!r} (this hello_fast reads {', '.join(DTYPES)})")
     a, b = tensors.get("head.lora_a"), tensors.get("head.lora_b")
     if a is None or b is None:
         raise HelloError(f"{path}: the artifact has no head LoRA tensors")
     if b.shape[0] != len(names) or a.shape[0] != meta["head_rank"] or b.shape[1] != meta["head_rank"]:
         raise HelloError(f"{path}: head LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {len(names)} classes at rank {meta['head_rank']}")
-    for key, t in tensors.items():
+    for key, t in sorted(tensors.items()):
+        if dtype == "int8" and key.endswith((".lora_a.scale", ".lora_b.scale")):
+            base = tensors.get(key[: -len(".scale")])
+            if base is None or t.dtype != torch.float32 or tuple(t.shape) != (base.shape[0],):
+                raise HelloError(f"{path}: int8 scale {key} does not fit its tensor (one fp32 scale per row)")
+            continue
         if not (key.endswith(".lora_a") or key.endswith(".lora_b")):
             raise HelloError(f"{path}: unexpected tensor {key} in a label artifact")
-        if t.dtype != torch.float32:
-            raise HelloError(f"{path}: tensor {key} is {t.dtype}, expected float32")
+        if t.dtype != _TORCH_DTYPES[dtype]:
+            raise HelloError(f"{path}: tensor {key} is {t.dtype}, the metadata says {dtype}")
+        if dtype == "int8" and f"{key}.scale" not in tensors:
+            raise HelloError(f"{path}: int8 tensor {key} has no scale")
+
+
+def convert_artifact(src: str, dst: str, dtype: str) -> int:
+    """Rewrite a label artifact with its LoRA tensors in `dtype` (fp32, fp16 or int8); returns the new size in bytes."""
+    tensors, meta = read_artifact(src)
+    meta = {k: v for k, v in meta.items() if k != "tensors_sha256"}
+    meta["dtype"] = dtype
+    return save_artifact(dst, tensors, meta)
+
+
+def _recorded_activation(ident: dict) -> str:
+    """The activation an artifact's backbone ran: recorded since format 2; for format 1, what load_clip chose then."""
+    if ident.get("activation"):
+        return ident["activation"]
+    from open_clip.pretrained import get_pretrained_cfg
+
+
+    tag = ident.get("pretrained")
+    is_tag = bool(tag) and bool(get_pretrained_cfg(ident["model"], tag))  # format 1 built files with the config's activation
+    return expected_activation(ident["model"], tag if is_tag else None)
+
+
+def _check_backbone(path: str, ident: dict, backbone, activation: str) -> None:
+    def given() -> str:
+        return f"{backbone.name} ({backbone.pretrained or 'random init'}, {backbone.activation}, sha256 {backbone.weights_sha256[:12]}…)"
+
+    if backbone.name != ident["model"]:
+        raise HelloError(f"{path} was trained on backbone {ident['model']} but the backbone given is {given()}")
+    if backbone.activation != activation:
+        raise HelloError(
+            f"{path} was trained on {ident['model']} running {activation} but the backbone given runs {backbone.activation}: "
+            f"its text head and features are another function of the same weights (load it with clip.activation={activation})"
+        )
+    if ident.get("arch_sha256") and backbone.arch_sha256 != ident["arch_sha256"]:
+        raise HelloError(f"{path} was trained on backbone {ident['model']} built from another architecture config "
+                         f"(sha256 {ident['arch_sha256'][:12]}…) than the backbone given ({backbone.arch_sha256[:12]}…)")
+    if backbone.weights_sha256 != ident["weights_sha256"]:
+        raise HelloError(
+            f"{path} was trained on backbone {ident['model']} ({ident.get('pretrained') or 'random init'}, "
+            f"sha256 {ident['weights_sha256'][:12]}…) but the backbone given is {given()}"
+        )
 
 
 def load_projector(path: str, *, num_classes: int | None = None, backbone=None, clip_pretrained: str | None = None,
@@ -140,22 +249,16 @@ def load_projector(path: str, *, num_classes: int | None = None, backbone=None, 
     sha256 must match the artifact's; `num_classes`, when given, must match too.
     Returns (projector, metadata).
     """
-    from hello_fast.models.clip import load_clip
-    from hello_fast.projector.model import build_projector
-
     tensors, meta = read_artifact(path)
     ident = meta["backbone"]
     if num_classes is not None and num_classes != len(meta["class_names"]):
         raise HelloError(f"{path} labels {len(meta['class_names'])} classes but the data has {num_classes}")
+    activation = _recorded_activation(ident)
     if backbone is None:
         source = clip_pretrained if clip_pretrained is not None else ident.get("pretrained")
-        backbone = load_clip(ident["model"], source, init_seed=ident.get("init_seed") or 0, device=device)
-    if backbone.name != ident["model"] or backbone.weights_sha256 != ident["weights_sha256"]:
-        raise HelloError(
-            f"{path} was trained on backbone {ident['model']} ({ident.get('pretrained') or 'random init'}, "
-            f"sha256 {ident['weights_sha256'][:12]}…) but the backbone given is {backbone.name} "
-            f"({backbone.pretrained or 'random init'}, sha256 {backbone.weights_sha256[:12]}…)"
-        )
+        backbone = load_clip(ident["model"], source, init_seed=ident.get("init_seed") or 0, device=device,
+                             activation=activation)
+    _check_backbone(path, ident, backbone, activation)
     projector = build_projector(
         backbone, meta["class_names"], meta["templates"], conv_rank=meta["conv_rank"], head_rank=meta["head_rank"],
         linear_rank=meta["linear_rank"], alpha=meta["alpha"], device=device,
@@ -169,7 +272,8 @@ def load_projector(path: str, *, num_classes: int | None = None, backbone=None, 
 
 def describe(path: str) -> dict:
     """What `hello-fast inspect` prints: metadata, size and parameter counts of a validated artifact."""
-    tensors, meta = read_artifact(path)
+    stored, meta = read_artifact(path, decode=False)
+    tensors = {k: t for k, t in stored.items() if not k.endswith(".scale")}
     head = sum(t.numel() for k, t in tensors.items() if k.startswith("head."))
     tower = sum(t.numel() for k, t in tensors.items() if not k.startswith("head."))
     return {
@@ -184,6 +288,7 @@ def describe(path: str) -> dict:
         "head_rank": meta["head_rank"],
         "linear_rank": meta["linear_rank"],
         "alpha": meta["alpha"],
+        "dtype": meta["dtype"],
         "lora_layers": len(tensors) // 2,
         "parameters": {"tower": tower, "head": head, "total": tower + head},
         "image_size": meta["image_size"],

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hello_fast.ops.lora_linear import lora_linear
+
 
 def _scale(rank: int, alpha: float | None) -> float:
     return 1.0 if alpha is None else float(alpha) / rank
@@ -107,7 +109,6 @@ class LoRALinear(nn.Module):
         bias = None if self.base_bias is None else self.base_bias.to(x.dtype)
         if self.merged:
             return F.linear(x, self.base_weight.to(x.dtype), bias)
-        from hello_fast.ops.lora_linear import lora_linear
 
         # one fused op (Triton on GPUs): the LoRA term joins the base GEMM, x A^T stays fp32
         return lora_linear(x, self.base_weight.to(x.dtype), self.lora_a, self.lora_b, self.scale, bias)

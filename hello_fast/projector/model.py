@@ -7,10 +7,14 @@ classifier. Only the LoRA tensors are trained and stored.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hello_fast.data.class_names import check_prompt_names
+from hello_fast.projector.head import text_head_weight
 from hello_fast.projector.lora import LoRALinear, inject_lora, lora_layers
 
 
@@ -99,13 +103,11 @@ def build_projector(backbone, class_names: list[str], templates: list[str], *, c
                     linear_rank: int = 0, alpha: float | None = None, device="cpu", head_weight: torch.Tensor | None = None) -> Projector:
     """A fresh projector on `backbone` (a ClipBackbone) whose head is CLIP's zero-shot classifier.
 
-    The backbone's image tower is copied, so the backbone itself stays untouched.
+    The backbone's image tower is copied, so the backbone itself stays untouched. A pretrained
+    backbone refuses raw WordNet ids as class names (its head would embed the id strings).
     """
-    import copy
-
-    from hello_fast.projector.head import text_head_weight
-
     if head_weight is None:
+        check_prompt_names(class_names, backbone.pretrained)
         head_weight = text_head_weight(backbone, class_names, templates, device=device)
     visual = copy.deepcopy(backbone.model.visual)
     return Projector(

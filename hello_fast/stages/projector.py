@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from hello_fast import distributed
 from hello_fast._progress import log, progress
-from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast._util import Normalize
+from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
+from hello_fast.logs import TrainingLog
 from hello_fast.models.clip import load_clip, template_strings
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.projector.artifact import artifact_metadata, save_artifact
@@ -34,8 +35,6 @@ def artifact_path(run) -> str:
 @torch.no_grad()
 def projector_top1(projector, val_set, cfg, device) -> float:
     """Val top-1 of the projector in percent (each rank its share, summed)."""
-    from hello_fast import distributed
-
     projector.eval()
     correct = total = 0
     for images, labels, _ in batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
@@ -53,8 +52,8 @@ def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
     train_set, val_set = data
     class_names = train_set.class_names
     templates = template_strings(cfg.clip.templates)
-    backbone = load_clip(cfg.clip.model, cfg.clip.pretrained, cfg.clip.init_seed, device=device)
-    log(f"projector: CLIP {backbone.name} ({backbone.pretrained or f'random init, seed {cfg.clip.init_seed}'}), "
+    backbone = load_clip(cfg.clip.model, cfg.clip.pretrained, cfg.clip.init_seed, device=device, activation=cfg.clip.activation)
+    log(f"projector: CLIP {backbone.name} ({backbone.pretrained or f'random init, seed {cfg.clip.init_seed}'}, {backbone.activation}), "
         f"head from {len(templates)} prompt templates x {len(class_names)} classes")
     torch.manual_seed(cfg.seed)
     projector = build_projector(backbone, class_names, templates, conv_rank=pc.conv_rank, head_rank=pc.head_rank,
@@ -78,8 +77,10 @@ def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
             summary["zero_shot_top1"] = projector_top1(projector, val_set, cfg, device)
             log(f"projector: zero-shot val top-1 {summary['zero_shot_top1']:.1f}%")
         guard = FiniteGuard()
+        tlog = TrainingLog.for_stage(cfg, run.root, STAGE, first_epoch=first)
         for epoch in progress(range(first, pc.epochs + 1), desc="projector", unit="epoch"):
             projector.train()
+            tlog.begin_epoch()
             bar = progress(batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True,
                                    seed=cfg.seed + 1, epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
@@ -95,15 +96,20 @@ def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
                 sched.step()
+            tlog.trained(device)
             guard.check("projector", epoch, "projector.lr", out)
             acc = projector_top1(projector, val_set, cfg, device)
             summary["top1"][str(epoch)] = acc
             log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {loss.item():.4f})")
+            tlog.end_epoch(epoch, val_top1=acc)
             ckpt.save({"lora": projector.lora_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                        "summary": summary}, epoch, pc.epochs)
+        tlog.close()
         meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
-                                 head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha)
+                                 head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha,
+                                 dtype=pc.artifact_dtype)
         summary["lora_parameters"] = sum(p.numel() for p in params)
         if distributed.world().main:
             nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)

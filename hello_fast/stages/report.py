@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import yaml
+
 from hello_fast._io import atomic_path, write_json
 from hello_fast.storage import format_bytes
 
@@ -19,13 +21,28 @@ def results_table(results: dict) -> str:
     if st:
         rows.append(("SRe2L stored labels", "-", "-", f"{st['sre2l_soft_label_bytes']:,} ({format_bytes(st['sre2l_soft_label_bytes'])})"))
         rows.append(("RDED teacher", "-", "-", f"{st['teacher_bytes']:,} ({format_bytes(st['teacher_bytes'])})"))
+        if "backbone_bytes" in st:  # shared by every artifact: downloaded once (0 to ship for a seeded random init)
+            once = "public, once" if st.get("backbone_downloaded") else "seeded, not shipped"
+            rows.append((f"CLIP backbone ({once})", "-", "-", f"{st['backbone_bytes']:,} ({format_bytes(st['backbone_bytes'])})"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _plot(results: dict, path: str) -> None:
+def run_title(run, results: dict) -> str:
+    """What the run distilled: the config's name, and the data folder's name when the data is a folder of the user's."""
+    try:
+        with open(run.path("config.yaml")) as f:
+            data = (yaml.safe_load(f) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        data = {}
+    if data.get("source") == "folder" and data.get("root"):
+        return f"{os.path.basename(os.path.normpath(data['root']))} ({results['config']} config)"
+    return results["config"]
+
+
+def _plot(results: dict, path: str, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +61,7 @@ def _plot(results: dict, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("label storage (bytes, log scale)")
     ax.set_ylabel("student top-1 (%)")
-    ax.set_title(f"{results['config']}: accuracy vs label storage (x: last epoch)")
+    ax.set_title(f"{title or results['config']}: accuracy vs label storage (x: last epoch)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -55,9 +72,10 @@ def _plot(results: dict, path: str) -> None:
 
 def write_report(run, results: dict) -> None:
     write_json(run.path(RESULTS), results)
-    _plot(results, run.path(PLOT))
+    title = run_title(run, results)
+    _plot(results, run.path(PLOT), title)
     lines = [
-        f"# hello_fast run: {results['config']}",
+        f"# hello_fast run: {title}",
         "",
         "Students trained on the distilled images with each label source; label storage is what must be",
         "shipped with the images to reproduce the labels.",
@@ -82,7 +100,19 @@ def write_report(run, results: dict) -> None:
         lines += [f"- distilled set: {extra['select'].get('images')} images by {extra['select'].get('method')}"]
     if "refine" in extra and extra["refine"]:
         r = extra["refine"]
-        lines += [f"- refine (Eq. 7): loss {r['loss_first']:.5f} -> {r['loss_last']:.5f}"]
+        eq7 = f"loss {r['loss_first']:.5f} -> {r['loss_last']:.5f}" if r.get("loss_first") is not None else "no steps"
+        bound = (f"; kept {r['refined_kept']}/{r['images']} refined images, PSNR vs selected {r['psnr']:.1f} dB "
+                 f"(worst image {r['psnr_min']:.1f})" if "psnr" in r else "")
+        lines += [f"- refine (Eq. 7): {eq7}{bound}"]
+    images = results.get("images")
+    if images:  # the image check of a folder data set (hello_fast.data.validate)
+        how = (f"{images['checked']} checked at {images['files_per_second']:.0f} files/s" if images["checked"]
+               else "verdicts from the cache")
+        lines += [f"- image check ({images['mode']}): {images['files']} files, {images['left_out']} left out ({how})"]
+        lines += [f"  - `{path}`: {reason}" for path, reason in list(images["bad_files"].items())[:50]]
+        later = images.get("left_out_while_reading", [])
+        if later:
+            lines += [f"- left out by a loader while reading: {len(later)} (" + ", ".join(f"`{p}`" for p in later[:20]) + ")"]
     lines += ["", f"Distilled images: `{os.path.relpath(results.get('distilled_dir', ''), run.root)}/images/`", ""]
     with atomic_path(run.path(REPORT)) as tmp:
         with open(tmp, "w") as f:

@@ -6,8 +6,20 @@ crop, zero-padded to full size, by the observer's cross-entropy with the image's
 image's best crop, then the class's ipc * factor^2 lowest-CE crops, and tile them factor x factor
 into ipc images. `random` keeps ipc random real images per class ("A Label is Worth a Thousand
 Images": a random subset with good soft labels is a strong baseline).
+
+The observer (`select.observer`): `teacher` / `last_weak`, the last weak teacher; `full`, the teacher
+run trained on to `teachers.epochs` (RDED observes with a fully trained ResNet-18: torchvision's
+ImageNet weights); `projector`, the label artifact's projector; or a path to your own checkpoint
+of `teachers.arch` for the data's classes: a torchvision-style state dict (`.pth`/`.pt`/`.bin`, read
+with weights_only=True, also wrapped in {"state_dict": ...} with DDP's `module.` prefix, as
+PyTorch's ImageNet example saves it) or `.safetensors` (plain, or a hello_fast network file).
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +30,11 @@ from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, load_network
 from hello_fast.data.distilled import save_distilled
 from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
-from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
+from hello_fast.errors import HelloError
+from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
+from hello_fast.projector.artifact import load_projector
+from hello_fast.stages.projector import artifact_path
+from hello_fast.stages.teachers import observer_path
 
 STAGE = "select"
 
@@ -80,6 +96,88 @@ class Observer:
 def teacher_observer(path: str, device, image_size: int) -> Observer:
     model, _ = load_network(path, device)
     return Observer(model, Normalize(IMAGENET_MEAN, IMAGENET_STD), image_size)
+
+
+def _read_state_dict(path: str) -> tuple[dict, dict]:
+    """(state dict, hello_fast metadata or {}) of a network checkpoint, without running code from it."""
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+            with safe_open(path, framework="pt") as f:
+                raw = (f.metadata() or {}).get("hello_fast")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HelloError(f"observer checkpoint {path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        return state, (json.loads(raw) if raw else {})
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise HelloError(f"refusing to load observer checkpoint {path}: not a plain tensor checkpoint (a truncated or "
+                         f"foreign file, or a pickle that would run code)") from None
+    except Exception as e:  # torch.load raises many types for truncated or foreign files
+        raise HelloError(f"observer checkpoint {path} is not readable ({type(e).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise HelloError(f"observer checkpoint {path} does not hold a state dict")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state, {}
+
+
+def checkpoint_observer(path: str, cfg, num_classes: int, device) -> Observer:
+    """Your own network as the observer: a teachers.arch checkpoint for the data's classes (ImageNet normalisation)."""
+    if not os.path.isfile(path):
+        raise HelloError(f"observer checkpoint {path} does not exist (select.observer names a file)")
+    state, meta = _read_state_dict(path)
+    tc = cfg.teachers
+    if "arch" in meta:  # a network this package saved: it says what it is
+        model, meta = load_network(path, device)
+        if meta["num_classes"] != num_classes:
+            raise HelloError(f"observer checkpoint {path} has {meta['num_classes']} outputs but the data has {num_classes} classes")
+        return Observer(model, Normalize(IMAGENET_MEAN, IMAGENET_STD), cfg.data.image_size)
+    model = build_model(tc.arch, num_classes, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise HelloError(f"observer checkpoint {path} is not a {tc.arch} state dict as torchvision names it: "
+                         f"{len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected "
+                         f"(e.g. {', '.join(unexpected[:2]) or '-'})")
+    for key, t in expected.items():
+        if not isinstance(state[key], torch.Tensor) or tuple(state[key].shape) != tuple(t.shape):
+            shape = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
+            hint = f" (the data has {num_classes} classes)" if key.endswith("weight") and t.dim() == 2 else ""
+            raise HelloError(f"observer checkpoint {path}: {key} is {shape}, {tc.arch} at {cfg.data.image_size} px needs "
+                             f"{tuple(t.shape)}{hint}")
+    model.load_state_dict(state)
+    return Observer(model.to(device).eval(), Normalize(IMAGENET_MEAN, IMAGENET_STD), cfg.data.image_size)
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (an observer checkpoint's identity in the select stage's fingerprint)."""
+    if not os.path.isfile(path):
+        raise HelloError(f"observer checkpoint {path} does not exist (select.observer names a file)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_observer(cfg, run, device, num_classes: int) -> Observer | None:
+    """The RDED observer `select.observer` names (None for random selection)."""
+    name = cfg.select.observer
+    if cfg.select.method != "rded":
+        return None
+    if name in ("teacher", "last_weak", "full"):
+        return teacher_observer(observer_path(run, full=name == "full"), device, cfg.data.image_size)
+    if name == "projector":
+        projector, _ = load_projector(artifact_path(run), device=device)
+        return projector_observer(projector, cfg.data.image_size)
+    return checkpoint_observer(name, cfg, num_classes, device)
 
 
 def projector_observer(projector, image_size: int) -> Observer:

@@ -9,6 +9,10 @@ student, in bf16 autocast and channels-last on a GPU. On a GPU the next batch an
 be made on a side stream while the student steps (`student.overlap`: auto measures both ways on
 the first steps and keeps the faster).
 
+With `student.shuffle_patches` (RDED's recipe, on in the paper presets) each image is first cut
+into select.factor row and column strips put in a random order, drawn per image and step and
+folded into augment_mix's source coordinates (RDED: ShufflePatches before RandomResizedCrop).
+
 The plain loop (`student.loop: plain`) draws the same parameters and runs the PyTorch references
 (per-sample interpolate, unmerged fp32 projector, unfused loss) in fp32: the check that the fast
 loop computes the same thing.
@@ -21,12 +25,23 @@ import time
 
 import torch
 
+from hello_fast import distributed
 from hello_fast._io import write_json
 from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, save_model
+from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
+from hello_fast.data.dali import DaliDistilledSet
 from hello_fast.data.loader import batches
 from hello_fast.data.resident import ResidentSet
-from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
+from hello_fast.logs import TrainingLog, run_root_of
+from hello_fast.models.students import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    decay_groups,
+    learning_rate,
+    top1,
+)
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 
 STAGE = "student"
@@ -40,12 +55,15 @@ def _lr_factor(schedule: str, step: int, total: int, epoch: int, epochs: int) ->
 
 def schedule_of(cfg, num_images: int) -> dict:
     """What stored labels depend on: replay is only valid for exactly this schedule."""
-    from hello_fast import distributed
-
     sc = cfg.student
     return {"seed": cfg.seed, "epochs": sc.epochs, "batch_size": sc.batch_size, "images": num_images,
             "out_size": cfg.data.image_size, "scale": list(sc.scale), "flip": cfg.data.flip, "mix": sc.mix,
-            "mix_alpha": sc.mix_alpha, "ranks": distributed.world().size}
+            "mix_alpha": sc.mix_alpha, "ranks": distributed.world().size, "shuffle_factor": shuffle_factor(cfg)}
+
+
+def shuffle_factor(cfg) -> int:
+    """The ShufflePatches factor of the student's augmentation: select.factor with student.shuffle_patches, else 1 (none)."""
+    return cfg.select.factor if cfg.student.shuffle_patches else 1
 
 
 def views_for(source, device, fast: bool):
@@ -58,7 +76,7 @@ def views_for(source, device, fast: bool):
 
 
 def resident_set(cfg, distilled, device) -> ResidentSet:
-    return ResidentSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4)
+    return ResidentSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4, shuffle_factor=shuffle_factor(cfg))
 
 
 def training_set(cfg, distilled, device, source, views):
@@ -69,13 +87,12 @@ def training_set(cfg, distilled, device, source, views):
     if source.replays:
         log(f"student ({source.name}): stored labels replay exact crops; using the resident set, not DALI")
         return resident_set(cfg, distilled, device)
-    from hello_fast import distributed
-    from hello_fast.data.dali import DaliDistilledSet
 
     threads = cfg.data.num_workers if cfg.data.num_workers > 0 else min(4, os.cpu_count() or 1)
     return DaliDistilledSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4,
                             batch_size=max(distributed.share_sizes(sc.batch_size)), out_size=cfg.data.image_size,
-                            scale=sc.scale, flip=cfg.data.flip, views=views, num_threads=threads)
+                            scale=sc.scale, flip=cfg.data.flip, views=views, num_threads=threads,
+                            shuffle_factor=shuffle_factor(cfg))
 
 
 class _Steps:
@@ -132,9 +149,6 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
     Data-parallel under torchrun (each rank its share of every global batch); resumes from the last
     epoch checkpoint in `out_dir` when an interrupted run left one.
     """
-    from hello_fast import distributed
-    from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
-
     sc = cfg.student
     loop = loop or sc.loop
     fast = loop == "fast"
@@ -148,7 +162,10 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         student = student.to(memory_format=torch.channels_last)
     net = distributed.data_parallel(student, device)
     student = distributed.unwrap(net)
-    opt = torch.optim.AdamW(student.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
+    lr = learning_rate(sc.arch, sc.lr)
+    if sc.lr is None and main:
+        log(f"student ({source.name}): lr {lr:g} (RDED's rate for {sc.arch}; student.lr sets another)")
+    opt = torch.optim.AdamW(decay_groups(student, sc.weight_decay, norms_and_biases=sc.decay_norms_and_biases), lr=lr)
     views = views_for(source, device, fast)
     resident = training_set(cfg, distilled, device, source, views)
     if source.replays:
@@ -175,14 +192,17 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         set_rng_state(state["rng"])
         first = state["epoch"] + 1
     guard = FiniteGuard()
+    tlog = TrainingLog.for_stage(cfg, run_root_of(out_dir), f"{STAGE}/{source.name}", first_epoch=first)
     bar = progress(range(first, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
     for epoch in bar:
         net.train()
         overlap = overlap_choice if overlap_choice is not None else (epoch % 2 == 0)
         epoch_start = time.perf_counter()
+        tlog.begin_epoch()
+        acc = None
         for batch, target in _Steps(cfg, resident, source, views, epoch, fast, device, overlap):
             for group in opt.param_groups:
-                group["lr"] = sc.lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs)
+                group["lr"] = lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(batch.views[0])
             kwargs = dict(mode=sc.loss, temperature=sc.temperature, beta=beta)
@@ -193,10 +213,12 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            tlog.step(loss, batch.hard.numel(), opt.param_groups[0]["lr"], epoch)
             step += 1
             seen += batch.hard.numel()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        tlog.trained(device)
         elapsed = time.perf_counter() - epoch_start
         train_time += elapsed
         guard.check(f"student ({source.name})", epoch, "student.lr", out_dir)
@@ -211,9 +233,11 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
                 acc = top1(net, val, device, norm)
             history.append({"epoch": epoch, "top1": acc, "loss": loss.item()})
             bar.set_postfix(top1=f"{acc:.1f}")
+        tlog.end_epoch(epoch, val_top1=acc)
         ckpt.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "history": history, "step": step,
                    "seen": seen, "train_time": train_time, "resident_generator": resident.generator.get_state(),
                    "overlap": -1 if overlap_choice is None else int(overlap_choice)}, epoch, sc.epochs)
+    tlog.close()
     seen = distributed.sum_over_ranks([seen], device)[0]
     result = {
         "top1_last": history[-1]["top1"],

@@ -2,7 +2,8 @@
 
 One network is trained on the original train set with PyTorch's ImageNet recipe (SGD, momentum,
 step decay); the checkpoints at `teachers.keep_epochs` are kept. Their averaged soft labels guide
-the projector (Eq. 5); the last one is the default RDED observer.
+the projector (Eq. 5); the last one is the default RDED observer. With `select.observer: full` the
+run goes on to `teachers.epochs` and that fully trained network is kept too, as RDED's observer.
 """
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hello_fast import distributed
 from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, load_network, save_model
+from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
+from hello_fast.errors import HelloError
+from hello_fast.logs import TrainingLog
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
 
 STAGE = "teachers"
@@ -28,12 +33,10 @@ def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
 
     Data-parallel under torchrun; resumes from the last epoch checkpoint of an interrupted run.
     """
-    from hello_fast import distributed
-    from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
-
     tc = cfg.teachers
     train_set, val_set = data
     keep = sorted(set(tc.keep_epochs))
+    last = last_epoch(cfg)
     main = distributed.world().main
     torch.manual_seed(cfg.seed)
     model = build_model(tc.arch, train_set.num_classes, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None).to(device)
@@ -51,8 +54,11 @@ def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
             model.load_state_dict(state["model"])
             first = ckpt.resume(state, opt, sched, summary)
         guard = FiniteGuard()
-        for epoch in progress(range(first, keep[-1] + 1), desc="teachers", unit="epoch"):
+        tlog = TrainingLog.for_stage(cfg, run.root, STAGE, first_epoch=first)
+        for epoch in progress(range(first, last + 1), desc="teachers", unit="epoch"):
             net.train()
+            tlog.begin_epoch()
+            acc = None
             for images, labels, _ in progress(
                 batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
                         epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
@@ -65,9 +71,11 @@ def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
+            tlog.trained(device)
             guard.check("teachers", epoch, "teachers.lr", out)
             sched.step()
-            if epoch in keep:
+            if epoch in keep or (epoch == last and trains_full(cfg)):
                 val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
                               num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
                               eval_resize=cfg.data.eval_resize)
@@ -77,13 +85,38 @@ def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
                         "class_names": train_set.class_names}
                 path = teacher_path(out, epoch)
                 if main:
-                    summary["bytes"][str(epoch)] = save_model(path, model, meta)
-                    log(f"teachers: epoch {epoch} kept as a weak teacher (val top-1 {acc:.1f}%)")
-                summary["checkpoints"].append(os.path.basename(path))
-                summary["top1"][str(epoch)] = acc
+                    nbytes = save_model(path, model, meta)
+                    if epoch in keep:
+                        summary["bytes"][str(epoch)] = nbytes
+                    log(f"teachers: epoch {epoch} kept as a {'weak teacher' if epoch in keep else 'full observer'} "
+                        f"(val top-1 {acc:.1f}%)")
+                if epoch in keep:
+                    summary["checkpoints"].append(os.path.basename(path))
+                    summary["top1"][str(epoch)] = acc
+                if epoch == last and trains_full(cfg):
+                    summary["observer"] = os.path.basename(path)
+                    summary["observer_top1"] = acc
+            tlog.end_epoch(epoch, val_top1=acc)
             ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "summary": summary}, epoch, keep[-1])
+                       "summary": summary}, epoch, last)
+        tlog.close()
     return summary
+
+
+def trains_full(cfg) -> bool:
+    """Whether the teacher run goes on to teachers.epochs for a fully trained RDED observer."""
+    return cfg.select.method == "rded" and cfg.select.observer == "full"
+
+
+def last_epoch(cfg) -> int:
+    """The teacher run's last epoch: the last kept weak teacher, or teachers.epochs for a full observer."""
+    last = max(cfg.teachers.keep_epochs)
+    if trains_full(cfg):
+        if cfg.teachers.epochs < last:
+            raise HelloError(f"select.observer: full trains the teachers to teachers.epochs ({cfg.teachers.epochs}), "
+                             f"which is before the last weak teacher (epoch {last}); raise teachers.epochs")
+        last = cfg.teachers.epochs
+    return last
 
 
 def load_teachers(run, device) -> list[torch.nn.Module]:
@@ -92,9 +125,15 @@ def load_teachers(run, device) -> list[torch.nn.Module]:
     return [load_network(run.path(STAGE, name), device)[0] for name in done["summary"]["checkpoints"]]
 
 
-def observer_path(run) -> str:
-    """The RDED observer: the last (strongest) checkpoint of the teacher run."""
-    return run.path(STAGE, run.done(STAGE)["summary"]["checkpoints"][-1])
+def observer_path(run, full: bool = False) -> str:
+    """The RDED observer: the last (strongest) weak teacher, or with `full` the fully trained network."""
+    summary = run.done(STAGE)["summary"]
+    if full:
+        if "observer" not in summary:
+            raise HelloError(f"the teachers stage in {run.root} kept no fully trained network (select.observer was not "
+                             f"full when it ran): rerun `hello-fast teachers --out {run.root}`")
+        return run.path(STAGE, summary["observer"])
+    return run.path(STAGE, summary["checkpoints"][-1])
 
 
 @torch.no_grad()

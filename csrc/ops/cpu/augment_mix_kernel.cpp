@@ -1,5 +1,7 @@
 // CPU kernel of hello_fast::augment_mix: per sample, separable bilinear resampling (horizontal taps per needed
-// source row, then a vectorised vertical blend), mixing, and every normalised view written in one pass.
+// source row, then a vectorised vertical blend), mixing, and every normalised view written in one pass. With
+// ShufflePatches the crop's rows and columns are read through the strip orders (one source index per crop row and
+// column, built once per sample).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -10,9 +12,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "../../cpu_dispatch.h"
 #include "../augment_mix.h"
 
-namespace hello_fast {
+// cpu_default or cpu_avx2: this file is compiled once per CPU build (csrc/cpu_dispatch.h)
+namespace hello_fast::HELLO_FAST_CPU_NAMESPACE {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -43,6 +47,8 @@ struct Sample {
   const uint8_t* image;  // src[index[b]]
   int64_t top, left, h, w;
   bool flip;
+  const int64_t* order;  // ShufflePatches: (2, factor) row then column strip orders, or null
+  int64_t factor, height, width;
 };
 
 struct Scratch {
@@ -50,7 +56,25 @@ struct Scratch {
   std::vector<float> rows;    // horizontally resampled source rows: (h, out)
   std::vector<float> line;    // one source row of the crop as floats
   std::vector<uint8_t> need;  // which source rows the output needs
+  // ShufflePatches: the source row / column (times its stride) of each row / column of the crop
+  std::vector<int64_t> src_row, src_col;
 };
+
+// The source coordinate of shuffled coordinates first, first + 1, ..., first + count - 1 of an axis of n pixels cut
+// into `factor` strips of n / factor (the last source strip also takes the remainder), shuffled strip k being source
+// strip order[k]; each times `stride`. hello_fast.ops.augment_mix.strip_source_index is the rule.
+void strip_sources(const int64_t* order, int64_t factor, int64_t n, int64_t first, int64_t count, int64_t stride,
+                   std::vector<int64_t>& out) {
+  const int64_t t = n / factor, rem = n - factor * t;
+  auto length = [&](int64_t k) { return t + (order[k] == factor - 1 ? rem : 0); };
+  out.resize(static_cast<size_t>(count));
+  int64_t k = 0, start = 0;  // shuffled strip k covers [start, start + length(k))
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t y = first + i;
+    while (start + length(k) <= y) start += length(k++);
+    out[i] = (order[k] * t + (y - start)) * stride;
+  }
+}
 
 // dst[o] = lerp(line[i0[o]], line[i1[o]], l[o]) for o < out: gathers from the row converted to float once
 void horizontal(const float* line, const Taps& xs, int64_t out, float* dst) {
@@ -81,12 +105,23 @@ void resample(const Sample& s, int64_t out, int64_t s_c, int64_t s_h, int64_t s_
     k.need[k.ys.i0[oy]] = 1;
     k.need[k.ys.i1[oy]] = 1;
   }
+  if (s.order != nullptr) {
+    strip_sources(s.order, s.factor, s.height, s.top, s.h, s_h, k.src_row);
+    strip_sources(s.order + s.factor, s.factor, s.width, s.left, s.w, s_w, k.src_col);
+  }
   for (int64_t c = 0; c < 3; ++c) {
     const uint8_t* plane = s.image + c * s_c + s.top * s_h + s.left * s_w;
     for (int64_t r = 0; r < s.h; ++r) {
       if (!k.need[r]) continue;
-      const uint8_t* row = plane + r * s_h;
       float* line = k.line.data();
+      if (s.order != nullptr) {  // a gather through the strip orders
+        const uint8_t* row = s.image + c * s_c + k.src_row[r];
+        const int64_t* col = k.src_col.data();
+        for (int64_t x = 0; x < s.w; ++x) line[x] = row[col[x]];
+        horizontal(line, k.xs, out, k.rows.data() + r * out);
+        continue;
+      }
+      const uint8_t* row = plane + r * s_h;
       if (s_w == 1) {
         for (int64_t x = 0; x < s.w; ++x) line[x] = row[x];  // auto-vectorised u8 -> f32
       } else {
@@ -145,7 +180,7 @@ void write_view(const float* x, int64_t out, const float* mean, const float* inv
 }
 
 void check_ranges(const at::Tensor& index, const at::Tensor& crop, const at::Tensor& partner, const at::Tensor& cut,
-                  int64_t S, int64_t H, int64_t W, int64_t out, MixMode mode) {
+                  const at::Tensor& shuffle, int64_t S, int64_t H, int64_t W, int64_t out, MixMode mode) {
   const int64_t B = index.size(0);
   const int64_t* ix = index.data_ptr<int64_t>();
   const int64_t* cr = crop.data_ptr<int64_t>();
@@ -162,6 +197,19 @@ void check_ranges(const at::Tensor& index, const at::Tensor& crop, const at::Ten
       TORCH_CHECK(t0 >= 0 && l0 >= 0 && t0 <= b1 && l0 <= r1 && b1 <= out && r1 <= out, "augment_mix: cut[", b,
                   "] is not a box inside ", out, "x", out);
     }
+    if (shuffle.defined()) {
+      const int64_t F = shuffle.size(2);
+      const int64_t* order = shuffle.data_ptr<int64_t>() + 2 * F * b;
+      for (int64_t axis = 0; axis < 2; ++axis) {
+        std::vector<uint8_t> seen(static_cast<size_t>(F), 0);
+        for (int64_t k = 0; k < F; ++k) {
+          const int64_t j = order[axis * F + k];
+          TORCH_CHECK(j >= 0 && j < F && !seen[j], "augment_mix: shuffle[", b, ", ", axis, "] is not an order of the ",
+                      F, " strips (a permutation of 0..", F - 1, ")");
+          seen[j] = 1;
+        }
+      }
+    }
   }
 }
 
@@ -171,14 +219,17 @@ std::vector<at::Tensor> augment_mix_cpu(const at::Tensor& src_in, const at::Tens
                                                                 const at::Tensor& cut_in, c10::string_view mode_name,
                                                                 int64_t out, at::ArrayRef<double> mean,
                                                                 at::ArrayRef<double> std, at::IntArrayRef dtypes,
-                                                                bool channels_last) {
-  const int64_t B = check_augment_shapes(src_in, index_in, crop_in, flip_in, partner_in, lam_in, cut_in, out, mean, std, dtypes);
+                                                                bool channels_last,
+                                                                const c10::optional<at::Tensor>& shuffle_in) {
+  const int64_t B = check_augment_shapes(src_in, index_in, crop_in, flip_in, partner_in, lam_in, cut_in, out, mean, std, dtypes,
+                                         shuffle_in);
   const MixMode mode = parse_mix_mode(std::string(mode_name));
   const auto index = index_in.contiguous(), crop = crop_in.contiguous(), partner = partner_in.contiguous();
   const auto cut = cut_in.contiguous(), lam = lam_in.contiguous();
   const auto flip = flip_in.contiguous();
+  const auto shuffle = shuffle_in.has_value() ? shuffle_in->contiguous() : at::Tensor();
   const int64_t S = src_in.size(0), H = src_in.size(2), W = src_in.size(3);
-  check_ranges(index, crop, partner, cut, S, H, W, out, mode);
+  check_ranges(index, crop, partner, cut, shuffle, S, H, W, out, mode);
   const uint8_t* src = src_in.data_ptr<uint8_t>();
   const int64_t s_n = src_in.stride(0), s_c = src_in.stride(1), s_h = src_in.stride(2), s_w = src_in.stride(3);
   const int64_t V = static_cast<int64_t>(dtypes.size());
@@ -194,8 +245,11 @@ std::vector<at::Tensor> augment_mix_cpu(const at::Tensor& src_in, const at::Tens
   const int64_t* cu = cut.data_ptr<int64_t>();
   const bool* fl = flip.data_ptr<bool>();
   const float* lm = lam.data_ptr<float>();
+  const int64_t factor = shuffle.defined() ? shuffle.size(2) : 0;
+  const int64_t* orders = shuffle.defined() ? shuffle.data_ptr<int64_t>() : nullptr;
   auto sample = [&](int64_t b) {
-    return Sample{src + ix[b] * s_n, cr[4 * b], cr[4 * b + 1], cr[4 * b + 2], cr[4 * b + 3], fl[b]};
+    return Sample{src + ix[b] * s_n, cr[4 * b], cr[4 * b + 1], cr[4 * b + 2], cr[4 * b + 3], fl[b],
+                  orders == nullptr ? nullptr : orders + 2 * factor * b, factor, H, W};
   };
   const int64_t plane = out * out;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -248,7 +302,6 @@ std::vector<at::Tensor> augment_mix_cpu(const at::Tensor& src_in, const at::Tens
 }
 
 }  // namespace
+}  // namespace hello_fast::HELLO_FAST_CPU_NAMESPACE
 
-TORCH_LIBRARY_IMPL(hello_fast, CPU, m) { m.impl("augment_mix", &augment_mix_cpu); }
-
-}  // namespace hello_fast
+HELLO_FAST_CPU_KERNEL(augment_mix, augment_mix_cpu)

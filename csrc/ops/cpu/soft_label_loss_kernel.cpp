@@ -13,9 +13,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "../../cpu_dispatch.h"
 #include "../soft_label_loss.h"
 
-namespace hello_fast {
+// cpu_default or cpu_avx2: this file is compiled once per CPU build (csrc/cpu_dispatch.h)
+namespace hello_fast::HELLO_FAST_CPU_NAMESPACE {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -276,10 +278,7 @@ std::tuple<at::Tensor, at::Tensor> soft_label_loss_with_grad_cpu(const at::Tenso
 }
 
 }  // namespace
+}  // namespace hello_fast::HELLO_FAST_CPU_NAMESPACE
 
-TORCH_LIBRARY_IMPL(hello_fast, CPU, m) {
-  m.impl("soft_label_loss", &soft_label_loss_cpu);
-  m.impl("soft_label_loss_with_grad", &soft_label_loss_with_grad_cpu);
-}
-
-}  // namespace hello_fast
+HELLO_FAST_CPU_KERNEL(soft_label_loss, soft_label_loss_cpu)
+HELLO_FAST_CPU_KERNEL(soft_label_loss_with_grad, soft_label_loss_with_grad_cpu)

@@ -17,11 +17,14 @@ std::vector<at::Tensor> augment_mix_cuda(const at::Tensor& src, const at::Tensor
                                                                  const at::Tensor& cut_in, c10::string_view mode_name,
                                                                  int64_t out, at::ArrayRef<double> mean,
                                                                  at::ArrayRef<double> std, at::IntArrayRef dtypes,
-                                                                 bool channels_last) {
-  const int64_t B = check_augment_shapes(src, index_in, crop_in, flip_in, partner_in, lam_in, cut_in, out, mean, std, dtypes);
+                                                                 bool channels_last,
+                                                                 const c10::optional<at::Tensor>& shuffle_in) {
+  const int64_t B = check_augment_shapes(src, index_in, crop_in, flip_in, partner_in, lam_in, cut_in, out, mean, std, dtypes,
+                                         shuffle_in);
   const c10::cuda::CUDAGuard guard(src.device());
   const auto index = index_in.contiguous(), crop = crop_in.contiguous(), flip = flip_in.contiguous();
   const auto partner = partner_in.contiguous(), lam = lam_in.contiguous(), cut = cut_in.contiguous();
+  const auto shuffle = shuffle_in.has_value() ? shuffle_in->contiguous() : at::Tensor();
   auto views = allocate_views(src, B, out, dtypes, channels_last);
   cuda::AugmentMixArgs a{};
   a.src = src.data_ptr<uint8_t>();
@@ -38,6 +41,8 @@ std::vector<at::Tensor> augment_mix_cuda(const at::Tensor& src, const at::Tensor
   a.partner = partner.data_ptr<int64_t>();
   a.lam = lam.data_ptr<float>();
   a.cut = cut.data_ptr<int64_t>();
+  a.shuffle = shuffle.defined() ? shuffle.data_ptr<int64_t>() : nullptr;
+  a.shuffle_factor = shuffle.defined() ? shuffle.size(2) : 0;
   a.batch = B;
   a.out_size = out;
   a.mode = static_cast<int>(parse_mix_mode(std::string(mode_name)));

@@ -23,6 +23,8 @@ struct AugmentMixArgs {
   const int64_t* partner;
   const float* lam;
   const int64_t* cut;  // (B, 4): top, left, bottom, right
+  const int64_t* shuffle;  // (B, 2, shuffle_factor): ShufflePatches row then column strip orders, or null
+  int64_t shuffle_factor;
   int64_t batch, out_size;
   int mode;  // MixCode
   int num_views;

@@ -1,0 +1,147 @@
+"""The Triton kernels compiled ahead of time for sm_80 and sm_90 (no GPU): no compile error, shared memory within the limit, no spills on a fast path, tensor cores in the 16-bit LoRA GEMMs.
+
+The compile runs in worker processes through benchmarks/_triton_aot.py (the package's own
+launchers, Triton's real binder and compiler, a stand-in driver). The default tier compiles
+each kernel's default fast path on both architectures; the slow tier compiles the whole matrix
+of benchmarks/gpu_static.py. Skips, with the reason, where the installed Triton lacks the
+private API this needs.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import multiprocessing
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import _triton_aot  # noqa: E402
+
+REASON = _triton_aot.api_missing()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no ahead-of-time Triton compile here: {REASON}")
+
+ARCHS = (80, 90)
+KERNELS = ("lora_linear._fused_kernel", "lora_linear._tn_kernel", "lora_linear._multi_kernel",
+           "augment_mix._augment_mix_kernel", "soft_label_loss._soft_label_loss_kernel")
+
+
+@pytest.fixture(scope="session")
+def fast_rows():
+    """Each kernel's default fast path, compiled once per session for sm_80 and sm_90."""
+    return _triton_aot.compile_scenarios(_triton_aot.enumerate_scenarios(ARCHS, full=False), workers=2)
+
+
+def _where(r):
+    return f"{r['kernel']} sm_{r['arch']} [{r.get('scenario')}] {r.get('launch') or ''}"
+
+
+def test_every_kernel_compiles_for_both_architectures(fast_rows):
+    errors = [f"{_where(r)}: {r['error']}" for r in fast_rows if r.get("error")]
+    assert not errors, "\n".join(errors)
+    for arch in ARCHS:
+        compiled = {r["kernel"] for r in fast_rows if r["arch"] == arch and r.get("registers")}
+        assert set(KERNELS) <= compiled, f"sm_{arch}: not compiled: {set(KERNELS) - compiled}"
+
+
+def test_shared_memory_within_the_limit(fast_rows):
+    over = [f"{_where(r)}: {r['smem_bytes']} > {r['smem_limit']}" for r in fast_rows
+            if r.get("smem_bytes") is not None and r["smem_bytes"] > r["smem_limit"]]
+    assert not over, "\n".join(over)
+    assert {r["smem_limit"] for r in fast_rows} == {_triton_aot.SMEM_LIMIT[a] for a in ARCHS}
+
+
+def test_no_spills_on_the_fast_paths(fast_rows):
+    fast = [r for r in fast_rows if r["fast_path"]]
+    assert {r["kernel"] for r in fast} == set(KERNELS)
+    spilling = [f"{_where(r)}: {r['spills']} STL/LDL, {r['registers']} registers" for r in fast if r["spills"]]
+    assert not spilling, "\n".join(spilling)
+    # every mode of augment_mix and soft_label_loss is a fast path
+    modes = {r["scenario"].split()[0] for r in fast if r["kernel"].startswith(("augment_mix", "soft_label_loss"))}
+    assert {"mode=none", "mode=mixup", "mode=cutmix", "mode=mse", "mode=kl", "mode=ce"} <= modes
+
+
+def test_sixteen_bit_and_tf32_lora_gemms_use_tensor_cores(fast_rows):
+    gemms = [r for r in fast_rows if r["kernel"] in ("lora_linear._fused_kernel", "lora_linear._multi_kernel")]
+    assert {r["dtype"] for r in gemms} >= {"bfloat16", "float32"}
+    missing = [_where(r) for r in gemms if not r["tensor_core_instructions"]]
+    assert not missing, "no mma.sync / wgmma in:\n" + "\n".join(missing)
+    # sm_90 GEMM tiles of 64+ rows use the warpgroup MMA; the PTX count covers both forms
+    assert all(r["vector_loads"] > 0 for r in gemms), "the GEMM operand loads are not vectorised"
+
+
+def test_rows_carry_a_roofline_at_a_stated_problem_size(fast_rows):
+    for r in fast_rows:
+        assert set(r["roofline_us"]) == {"H100", "H200"} and r["problem"] and r["compulsory_bytes"] > 0
+        assert 0 < r["roofline_us"]["H200"] <= r["roofline_us"]["H100"], _where(r)
+
+
+def _compile_wide_augment(arch: int) -> dict:
+    """augment_mix's launch shape before the fix (1024 pixels over 4 warps), Mixup into 4 channels-last views."""
+    from hello_fast.kernels import augment_mix as kern
+
+    B, size = 8, 224
+    src = torch.empty(4, 3, 256, 256, dtype=torch.uint8)
+    outs = [torch.empty((B, 3, size, size), dtype=torch.bfloat16, memory_format=torch.channels_last) for _ in range(4)]
+    with _triton_aot._Capture(arch, (kern,), "probe", 132) as cap:
+        kern._augment_mix_kernel[(B, 49)](
+            src, torch.zeros(B, dtype=torch.long), torch.zeros(B, 4, dtype=torch.long), torch.zeros(B, dtype=torch.uint8),
+            torch.arange(B), torch.ones(B), torch.zeros(B, 4, dtype=torch.long), torch.empty(4, 6), *outs,
+            size, *src.stride(), *[s for o in outs for s in o.stride()],
+            MODE=kern.MODE_CODES["mixup"], NUM_VIEWS=4, BLOCK=1024, num_warps=4)
+    k = cap.launches[0]["compiled"]
+    return _triton_aot._resources(k.asm["cubin"], k.asm["ptx"])
+
+
+def test_the_report_sees_spills_where_they_are():
+    """The check has teeth: the launch shape the fix replaced spills on sm_90 and the report counts it."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_triton_aot._init_worker) as pool:
+        res = pool.submit(_compile_wide_augment, 90).result()
+    assert res["registers"] >= 250 and res["spills"] > 0 and res["stack_bytes"] > 0, res
+
+
+def test_violations_name_each_broken_line():
+    base = {"kernel": "lora_linear._fused_kernel", "arch": 90, "scenario": "s", "dtype": "bfloat16", "fast_path": True,
+            "error": None, "registers": 128, "spills": 0, "smem_bytes": 1000, "smem_limit": 232_448,
+            "tensor_core_instructions": 8}
+    assert _triton_aot.violations([base]) == []
+    broken = [dict(base, smem_bytes=307_200), dict(base, spills=12), dict(base, tensor_core_instructions=0),
+              dict(base, error="CompilationError: x"), dict(base, spills=12, fast_path=False)]
+    found = _triton_aot.violations(broken)
+    assert len(found) == 4 and "307200" in found[0] and "spill" in found[1] and "tensor-core" in found[2] and "CompilationError" in found[3]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_csrc_cuda_kernels_build_without_spills():
+    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "ops", "cuda", "*.cu")))
+    rows = _triton_aot.nvcc_resource_usage(sources, arch=90)
+    assert {r["source"] for r in rows} == {os.path.basename(s) for s in sources}
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["kernel"].startswith("cuda:") and r["registers"] > 0, r
+        assert r["spills"] == 0 and r["spill_bytes"] == 0, r
+
+
+@pytest.mark.slow
+def test_full_matrix_for_sm80_and_sm90():
+    """Every rule of every device table x dtype x precision, every augment_mix/soft_label_loss variant."""
+    scenarios = _triton_aot.enumerate_scenarios(ARCHS, full=True)
+    rows = _triton_aot.compile_scenarios(scenarios, workers=2)
+    bad = _triton_aot.violations(rows)
+    assert not bad, "\n".join(bad)
+    # every GPU rule of the config table is compiled on the architectures it serves
+    for key, rules in _triton_aot.lora_tables().items():
+        for i in range(len(rules)):
+            rule = f"{key}[{i}]"
+            assert any(r.get("config", {}).get("rule") == rule for r in rows), f"{rule} was never compiled"
+    ieee = [r for r in rows if r["kernel"] == "lora_linear._fused_kernel" and r["dtype"] == "float32" and r["precision"] == "ieee"]
+    assert ieee and not any(r["fast_path"] for r in ieee)  # the op runs cuBLAS there
+    views = {int(r["scenario"].split("views=")[1].split()[0]) for r in rows if r["kernel"].startswith("augment_mix")}
+    classes = {int(r["scenario"].split("classes=")[1].split()[0]) for r in rows if r["kernel"].startswith("soft_label_loss")}
+    assert views == {1, 2, 3, 4} and {10, 100, 1000, 21843} <= classes
