@@ -23,11 +23,11 @@ def test_observer_values_are_checked():
 
 def test_full_observer_trains_on_and_keeps_the_final_network(tmp_path):
     out = str(tmp_path / "full")
-    Pipeline(tiny_config(), out, device="cpu").teachers()
     cfg = tiny_config("select.observer=full", "teachers.epochs=3")
     pipe = Pipeline(cfg, out, device="cpu")
-    assert pipe.fingerprint("teachers") != Pipeline(tiny_config(), out, device="cpu").fingerprint("teachers")
-    summary = pipe.teachers()  # the fingerprint changed: the run goes on to epoch 3
+    # a weak-only teacher run is stale for a full observer: it must go on to teachers.epochs
+    assert pipe.fingerprint("teachers") != Pipeline(tiny_config("teachers.epochs=3"), out, device="cpu").fingerprint("teachers")
+    summary = pipe.teachers()
     assert summary["checkpoints"] == ["epoch_001.safetensors", "epoch_002.safetensors"]  # the weak teachers, unchanged
     assert summary["observer"] == "epoch_003.safetensors" and set(summary["bytes"]) == {"1", "2"}
     assert 0 <= summary["observer_top1"] <= 100
