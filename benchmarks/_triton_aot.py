@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -77,8 +78,6 @@ def api_missing() -> str | None:
         return f"triton's private compile API is not importable ({e})"
     if not hasattr(driver, "set_active") or not hasattr(driver, "_active"):
         return f"triton {triton.__version__}: triton.runtime.driver.driver has no set_active/_active"
-    import inspect
-
     params = inspect.signature(JITFunction.run).parameters
     if "warmup" not in params or "grid" not in params:
         return f"triton {triton.__version__}: JITFunction.run takes no grid/warmup arguments"
@@ -174,16 +173,16 @@ class _Capture:
         return wrapped
 
     def _runner(self, mod, fn):
-        import inspect
-
         run = type(fn).run
         names = fn.arg_names
+        constexprs = {names[i] for i in getattr(fn, "constexprs", [])}
 
         def compile_only(*args, grid, warmup, **kwargs):
             bound = dict(zip(names, args))
             bound.update({k: v for k, v in kwargs.items() if k in names})
             options = {k: v for k, v in kwargs.items() if k not in names}
             entry = {"kernel": f"{mod.__name__.rsplit('.', 1)[-1]}.{fn.__name__}", "args": bound, "options": options,
+                     "constexprs": {k: v for k, v in bound.items() if k in constexprs},
                      "compiled": None, "error": None, "rule": getattr(self, "last_rule", None)}
             try:
                 entry["compiled"] = run(fn, *args, grid=grid, warmup=True, **kwargs)
@@ -192,7 +191,6 @@ class _Capture:
             self.launches.append(entry)
             return entry["compiled"]
 
-        del inspect
         return compile_only
 
 
@@ -517,8 +515,7 @@ def run_scenario(s: dict) -> list[dict]:
         roles = _ROLES[(s["part"], variant if s["part"] == "forward" else None)]
     for i, launch in enumerate(cap.launches):
         args = launch["args"]
-        constexpr = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in args.items()
-                     if k.isupper() and not isinstance(v, torch.Tensor)}
+        constexpr = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in launch["constexprs"].items()}
         config = {**constexpr, **{k: launch["options"][k] for k in ("num_warps", "num_stages") if k in launch["options"]}}
         if launch["kernel"] in ("lora_linear._fused_kernel", "lora_linear._multi_kernel"):
             config["rule"] = launch["rule"]  # the rule config_for returned for this launch (dx may differ from the forward's)
@@ -699,8 +696,8 @@ def _nvcc_version() -> str | None:
 # ---------------------------------------------------------------- the report
 
 
-ROOFLINE_ASSUMES = ("H100 SXM: 3.35 TB/s; H200 SXM: 4.8 TB/s; both dense 989 TFLOP/s bf16/fp16, 494 tf32, 67 fp32 "
-                    "(CUDA cores); time = max(compulsory bytes / bandwidth, FLOPs / peak) at the row's problem size")
+ROOFLINE_ASSUMES = ("max(bytes/BW, FLOPs/peak); H100 SXM 3.35 TB/s, H200 4.8 TB/s; "
+                    "TFLOP/s dense: 989 bf16/fp16, 494 tf32, 67 fp32")
 
 
 def _is_16bit_gemm(row: dict) -> bool:
@@ -765,4 +762,4 @@ def write_json(rows: list[dict], path: str) -> None:
     """A JSON list, one row per line (readable diffs)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        f.write("[\n" + ",\n".join(json.dumps(r, sort_keys=False) for r in rows) + "\n]\n")
+        f.write("[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows) + "\n]\n")
