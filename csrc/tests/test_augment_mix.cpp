@@ -18,7 +18,8 @@ void expect(const std::string& what, bool ok, const std::string& detail = "") {
 
 using Op = std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t,
-                                   at::ArrayRef<double>, at::ArrayRef<double>, at::IntArrayRef, bool);
+                                   at::ArrayRef<double>, at::ArrayRef<double>, at::IntArrayRef, bool,
+                                   const c10::optional<at::Tensor>&);
 
 at::Tensor base_of(const at::Tensor& src, int64_t idx, const int64_t* cr, bool flip, int64_t out) {
   auto crop = src[idx].slice(1, cr[0], cr[0] + cr[2]).slice(2, cr[1], cr[1] + cr[3]).to(at::kFloat).unsqueeze(0);
@@ -49,7 +50,7 @@ void check_mode(const std::string& mode, int64_t B, int64_t out) {
   auto partner = at::randperm(B, at::kLong);
   auto lam = at::rand({B});
   const std::vector<double> mean = {0.485, 0.456, 0.406}, std = {0.229, 0.224, 0.225};
-  auto views = op.call(src, index, crop, flip, partner, lam, cut, mode, out, mean, std, {0}, false);
+  auto views = op.call(src, index, crop, flip, partner, lam, cut, mode, out, mean, std, {0}, false, c10::nullopt);
   std::vector<at::Tensor> bases;
   for (int64_t b = 0; b < B; ++b) {
     bases.push_back(base_of(src, index[b].item<int64_t>(), crop[b].contiguous().data_ptr<int64_t>(), flip[b].item<bool>(), out));
@@ -81,7 +82,7 @@ bool refused(const std::vector<double>& mean, const std::vector<double>& std, co
   try {
     auto src = at::zeros({2, 3, 8, 8}, at::kByte);
     op.call(src, at::zeros({1}, at::kLong), crop, at::zeros({1}, at::kBool), at::zeros({1}, at::kLong), at::ones({1}),
-            at::zeros({1, 4}, at::kLong), "none", 4, mean, std, dtypes, false);
+            at::zeros({1, 4}, at::kLong), "none", 4, mean, std, dtypes, false, c10::nullopt);
   } catch (const c10::Error&) {
     return true;
   }
