@@ -197,16 +197,16 @@ class _Capture:
 # ---------------------------------------------------------------- reading a cubin
 
 
-_SASS_OP = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+_SASS_OP = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
 
 
 _PTX_PRED = r"^\s*(?:@!?%p\d+\s+)?"
 _PTX_VECTOR_LOAD = re.compile(  # ld.global.v2/v4/v8, 8/16-byte cp.async (sm_80 pipelines), TMA bulk copies
     _PTX_PRED + r"(?:ld\.global\S*\.v[248]\.|cp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(?:0x10|0x8|16|8)\b"
-    r"|cp\.async\.bulk\.tensor)", re.M)
-_PTX_GLOBAL_LOAD = re.compile(_PTX_PRED + r"(?:ld\.global|cp\.async\.c[ag]\.shared\.global|cp\.async\.bulk\.tensor)", re.M)
+    r"|cp\.async\.bulk\.tensor)", re.MULTILINE)
+_PTX_GLOBAL_LOAD = re.compile(_PTX_PRED + r"(?:ld\.global|cp\.async\.c[ag]\.shared\.global|cp\.async\.bulk\.tensor)", re.MULTILINE)
 # mma.sync (sm_80+), wgmma.mma_async (sm_90), tcgen05.mma (sm_100)
-_PTX_TENSOR_CORE = re.compile(_PTX_PRED + r"(?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)\b", re.M)
+_PTX_TENSOR_CORE = re.compile(_PTX_PRED + r"(?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)\b", re.MULTILINE)
 _RESOURCE_CACHE: dict[str, dict] = {}
 
 
@@ -346,7 +346,9 @@ def enumerate_scenarios(archs, *, full: bool = True) -> list[dict]:
     (dtype, precision) and operand alignment the rule serves and no earlier rule takes, through the
     forward (rank 8: x A^T fused; rank 128: precomputed), the backward and the multi-adapter kernel.
     """
-    from hello_fast.kernels.lora_linear import _matches  # imports triton; nothing is compiled in this process
+    from hello_fast.kernels.lora_linear import (
+        _matches,  # imports triton; nothing is compiled in this process
+    )
 
     out = []
     for arch in archs:
@@ -444,7 +446,6 @@ def _augment_launches(s: dict):
     kern.augment_mix(src, torch.zeros(B, dtype=torch.long), crop, torch.zeros(B, dtype=torch.bool),
                      torch.arange(B), torch.full((B,), 0.7), cut, s["mode"], AUG_OUT, views, s["channels_last"],
                      shuffle=shuffle)
-    return None
 
 
 def _loss_launches(s: dict):
@@ -456,7 +457,6 @@ def _loss_launches(s: dict):
     target = None if s["mode"] == "ce" else torch.empty(B, C, dtype=dt)
     kern.soft_label_loss(student, target, torch.zeros(B, dtype=torch.long), torch.arange(B), torch.ones(B),
                          "kl" if s["mode"] == "kl" else "mse", 4.0, s["beta"], s["with_grad"])
-    return None
 
 
 _ROLES = {  # what each launch of a lora_linear scenario computes, in launch order
@@ -488,7 +488,6 @@ def _describe(s: dict) -> str:
 def run_scenario(s: dict) -> list[dict]:
     """Compile one scenario for its architecture (in a worker process); one row per Triton launch."""
     import triton
-
     from hello_fast.kernels import augment_mix, lora_linear, soft_label_loss
 
     arch = s["arch"]
@@ -604,7 +603,7 @@ def nvcc_resource_usage(sources, arch: int = 90) -> list[dict]:
             proc = subprocess.run(
                 [nvcc, "-cubin", "-o", cubin, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "--use_fast_math",
                  "-std=c++17", "--resource-usage", "-Xptxas", "-warn-spills,-warn-lmem-usage", src],
-                capture_output=True, text=True)
+                capture_output=True, text=True, check=False)  # a failed build is a row, not an exception
             log = proc.stdout + proc.stderr
             if proc.returncode != 0:
                 rows.append({"kernel": f"cuda:{os.path.basename(src)}", "arch": arch, "source": os.path.basename(src),
@@ -664,7 +663,7 @@ def _ptxas_rows(log: str, sass: str, arch: int, source: str) -> list[dict]:
     filt = shutil.which("c++filt")
     demangled = names
     if filt and names:
-        out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+        out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=False).stdout.splitlines()
         demangled = out if len(out) == len(names) else names
     rows = []
     dtypes = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
@@ -688,7 +687,7 @@ def _nvcc_version() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
-    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"release ([\d.]+)", out)
     return f"nvcc {m.group(1)}" if m else None
 

@@ -27,7 +27,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table() -> dict:
     with open(_CONFIG_FILE) as f:
         return json.load(f)
@@ -229,7 +229,7 @@ def _multi_kernel(
     idx = tl.load(IDX + rm, mask=m_ok, other=-1)
     # per adapter, BLOCK_R columns of H at a time with the other adapters' rows masked out at the load
     # (not in registers: a register operand beside the accumulator spilled at 128 x 256 tiles on sm_90)
-    for j in range(0, NA):
+    for j in range(NA):
         hj_rows = m_ok & (idx == j)
         for r0 in range(0, R, BLOCK_R):
             rc = r0 + rr

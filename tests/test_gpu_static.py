@@ -81,29 +81,33 @@ def test_rows_carry_a_roofline_at_a_stated_problem_size(fast_rows):
         assert 0 < r["roofline_us"]["H200"] <= r["roofline_us"]["H100"], _where(r)
 
 
-def _compile_wide_augment(arch: int) -> dict:
-    """augment_mix's launch shape before the fix (1024 pixels over 4 warps), Mixup into 4 channels-last views."""
+def _compile_wide_augment(arch: int, BLOCK: int) -> dict:
+    """augment_mix launched with BLOCK pixels over 4 warps, Mixup + ShufflePatches into 4 channels-last views."""
     from hello_fast.kernels import augment_mix as kern
 
     B, size = 8, 224
     src = torch.empty(4, 3, 256, 256, dtype=torch.uint8)
     outs = [torch.empty((B, 3, size, size), dtype=torch.bfloat16, memory_format=torch.channels_last) for _ in range(4)]
+    maps = torch.zeros(B, 256, dtype=torch.int32)  # ShufflePatches strip maps
     with _triton_aot._Capture(arch, (kern,), "probe", 132) as cap:
         kern._augment_mix_kernel[(B, 49)](
             src, torch.zeros(B, dtype=torch.long), torch.zeros(B, 4, dtype=torch.long), torch.zeros(B, dtype=torch.uint8),
-            torch.arange(B), torch.ones(B), torch.zeros(B, 4, dtype=torch.long), torch.empty(4, 6), *outs,
-            size, *src.stride(), *[s for o in outs for s in o.stride()],
-            MODE=kern.MODE_CODES["mixup"], NUM_VIEWS=4, BLOCK=1024, num_warps=4)
+            torch.arange(B), torch.ones(B), torch.zeros(B, 4, dtype=torch.long), torch.empty(4, 6), maps, maps, *outs,
+            size, *src.stride(), 256, 256, *[s for o in outs for s in o.stride()],
+            MODE=kern.MODE_CODES["mixup"], NUM_VIEWS=4, SHUFFLE=True, BLOCK=BLOCK, num_warps=4)
     k = cap.launches[0]["compiled"]
+    assert k is not None, cap.launches[0]["error"]
     return _triton_aot._resources(k.asm["cubin"], k.asm["ptx"])
 
 
 def test_the_report_sees_spills_where_they_are():
-    """The check has teeth: the launch shape the fix replaced spills on sm_90 and the report counts it."""
+    """The check has teeth: 4 pixels per thread (1,024 over 4 warps, the launch shape before the fix) spill on
+    sm_90 and the report counts them; the shipped 2 per thread (256 over 4 warps) do not."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_triton_aot._init_worker) as pool:
-        res = pool.submit(_compile_wide_augment, 90).result()
-    assert res["registers"] >= 250 and res["spills"] > 0 and res["stack_bytes"] > 0, res
+        wide, shipped = pool.submit(_compile_wide_augment, 90, 1024).result(), pool.submit(_compile_wide_augment, 90, 256).result()
+    assert wide["registers"] >= 250 and wide["spills"] > 0 and wide["stack_bytes"] > 0, wide
+    assert shipped["spills"] == 0 and shipped["stack_bytes"] == 0 and shipped["registers"] < 128, shipped
 
 
 def test_violations_name_each_broken_line():

@@ -8,7 +8,12 @@ import pytest
 import torch
 from conftest import gpu, triton_device
 
-from hello_fast.ops import lora_linear, lora_linear_multi, lora_linear_multi_reference, lora_linear_reference
+from hello_fast.ops import (
+    lora_linear,
+    lora_linear_multi,
+    lora_linear_multi_reference,
+    lora_linear_reference,
+)
 
 DEV = triton_device()
 TRITON = pytest.mark.skipif(DEV is None, reason="Triton cannot run here")
@@ -150,7 +155,8 @@ def test_configs_are_data():
     pytest.importorskip("triton")
     from hello_fast.kernels import lora_linear as K
 
-    table = json.load(open(os.path.join(os.path.dirname(K.__file__), "configs", "lora_linear.json")))
+    with open(os.path.join(os.path.dirname(K.__file__), "configs", "lora_linear.json")) as f:
+        table = json.load(f)
     assert {"interpreter", "default", "NVIDIA H200", "reduction"} <= set(table)
     assert set(table["_device_arch"]) <= set(table)
     for device, rules in {**_gpu_tables(table), "interpreter": table["interpreter"]}.items():
