@@ -119,7 +119,7 @@ MODE_CODES = {"none": 0, "mixup": 1, "cutmix": 2}
 
 def augment_mix(src, index, crop, flip, partner, lam, cut, mode, out_size, views, channels_last=False, shuffle=None):
     """Launch the kernel; `views` is [(mean[3], std[3], dtype)] (at most MAX_VIEWS), `shuffle` None or the strip
-    orders int64 (B, 2, factor). Returns (views tuple, lam_eff)."""
+    orders int64 (B, 2, factor). Returns the views tuple."""
     B = index.shape[0]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     outs = [torch.empty((B, 3, out_size, out_size), device=src.device, dtype=d, memory_format=fmt) for _, _, d in views]
@@ -134,8 +134,7 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, mode, out_size, views
     block = min(block, triton.next_power_of_2(out_size * out_size))
     H, W = src.shape[-2:]
     if shuffle is not None:
-        # the one rule for strip maps lives with the op (imported here: the op imports this module)
-
+        # the one rule for strip maps (hello_fast.ops._limits), shared with every other backend
         rows = strip_source_index(shuffle[:, 0], H).to(torch.int32).contiguous()  # (B, H) source row of each row
         cols = strip_source_index(shuffle[:, 1], W).to(torch.int32).contiguous()  # (B, W)
     else:
@@ -146,11 +145,4 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, mode, out_size, views
         out_size, *src.stride(), H, W, *strides,
         MODE=MODE_CODES[mode], NUM_VIEWS=len(outs), SHUFFLE=shuffle is not None, BLOCK=block, num_warps=warps,
     )
-    if mode == "cutmix":
-        area = (cut[:, 2] - cut[:, 0]) * (cut[:, 3] - cut[:, 1])
-        lam_eff = 1.0 - area.to(torch.float32) / float(out_size * out_size)
-    elif mode == "mixup":
-        lam_eff = lam.clone()
-    else:
-        lam_eff = torch.ones(B, device=src.device, dtype=torch.float32)
-    return tuple(outs), lam_eff
+    return tuple(outs)  # lam_eff is the dispatcher's (hello_fast.ops.augment_mix.effective_lam)

@@ -215,9 +215,8 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, vi
             augment_mix as kern,  # triton is an optional dependency
         )
 
-        # the launcher still returns a lam_eff of its own: ignored, every backend's comes from effective_lam
-        out, _ = kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last,
-                                  shuffle=shuffle)
+        out = kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last,
+                               shuffle=shuffle)
     else:
         mean = [m for v in spec for m in v[0]]
         std = [s for v in spec for s in v[1]]
