@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -32,6 +31,7 @@ from importlib import resources
 import torch
 
 from hello_fast._progress import log
+from hello_fast._util import read_state_dict
 from hello_fast.errors import HelloError
 from hello_fast.models._torchscript import (
     is_torchscript_archive,
@@ -234,34 +234,6 @@ def _build(name: str, activation: str, seed: int = 0) -> torch.nn.Module:
         return open_clip.create_model(name, pretrained=None, quick_gelu=activation == "quick_gelu")
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a state-dict file: safetensors, or a torch pickle read with weights_only=True (no code runs)."""
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise HelloError(f"CLIP checkpoint {path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise HelloError(f"refusing to load CLIP checkpoint {path}: not a plain tensor checkpoint (a truncated or "
-                             f"foreign file, or a pickle that would run code)") from None
-        except Exception as e:  # torch.load raises many types for truncated or foreign files
-            raise HelloError(f"CLIP checkpoint {path} is not readable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise HelloError(f"CLIP checkpoint {path} does not hold a state dict of tensors")
-    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, name: str) -> None:
     """Load a full CLIP state dict strictly (OpenAI's extra entries dropped, open_clip's layout conversions applied)."""
     from open_clip.convert import convert_state_dict
@@ -318,7 +290,7 @@ def _load_file(name: str, path: str, activation: str) -> tuple[torch.nn.Module, 
     if is_torchscript_archive(path):
         state, openai = read_torchscript_state_dict(path), True  # only OpenAI publishes CLIP as TorchScript
     else:
-        state = _read_state_dict(path)
+        state, _ = read_state_dict(path, "CLIP checkpoint")
         openai = any(k in state for k in _OPENAI_EXTRA_KEYS)
     act = _file_activation(name, path, openai, activation)
     model = _build(name, act)

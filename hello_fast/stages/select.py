@@ -17,9 +17,7 @@ PyTorch's ImageNet example saves it) or `.safetensors` (plain, or a hello_fast n
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import pickle
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from hello_fast._progress import log, progress
-from hello_fast._util import Normalize, load_network
+from hello_fast._util import Normalize, load_network, read_state_dict
 from hello_fast.data.distilled import save_distilled
 from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
 from hello_fast.errors import HelloError
@@ -98,41 +96,11 @@ def teacher_observer(path: str, device, image_size: int) -> Observer:
     return Observer(model, Normalize(IMAGENET_MEAN, IMAGENET_STD), image_size)
 
 
-def _read_state_dict(path: str) -> tuple[dict, dict]:
-    """(state dict, hello_fast metadata or {}) of a network checkpoint, without running code from it."""
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-            with safe_open(path, framework="pt") as f:
-                raw = (f.metadata() or {}).get("hello_fast")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise HelloError(f"observer checkpoint {path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
-        return state, (json.loads(raw) if raw else {})
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise HelloError(f"refusing to load observer checkpoint {path}: not a plain tensor checkpoint (a truncated or "
-                         f"foreign file, or a pickle that would run code)") from None
-    except Exception as e:  # torch.load raises many types for truncated or foreign files
-        raise HelloError(f"observer checkpoint {path} is not readable ({type(e).__name__})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state:
-        raise HelloError(f"observer checkpoint {path} does not hold a state dict")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state, {}
-
-
 def checkpoint_observer(path: str, cfg, num_classes: int, device) -> Observer:
     """Your own network as the observer: a teachers.arch checkpoint for the data's classes (ImageNet normalisation)."""
     if not os.path.isfile(path):
         raise HelloError(f"observer checkpoint {path} does not exist (select.observer names a file)")
-    state, meta = _read_state_dict(path)
+    state, meta = read_state_dict(path, "observer checkpoint")
     tc = cfg.teachers
     if "arch" in meta:  # a network this package saved: it says what it is
         model, meta = load_network(path, device)
