@@ -13,6 +13,7 @@ import os
 import time
 
 from hello_fast import distributed, labels
+from hello_fast._io import file_sha256
 from hello_fast._progress import log
 from hello_fast._util import seed_everything
 from hello_fast.config import Config, is_checkpoint_path, save_config
@@ -28,7 +29,6 @@ from hello_fast.stages import student as st
 from hello_fast.stages.projector import artifact_path, train_projector
 from hello_fast.stages.refine import refine_images
 from hello_fast.stages.report import write_report
-from hello_fast.stages.select import file_sha256
 from hello_fast.stages.teachers import train_teachers, trains_full
 from hello_fast.storage import storage_report
 
@@ -56,6 +56,8 @@ class Pipeline:
         self.world, self.device = distributed.setup(device or cfg.device)
         self.force = force
         self._data = None
+        self._data_id = None
+        self._fingerprints = {}
         self._auto = False  # True while distill() runs: missing inputs are made, not reported
 
     def _record_config(self) -> None:
@@ -86,8 +88,10 @@ class Pipeline:
         return self._data
 
     def _data_identity(self) -> str:
-        train, val = self.data()
-        return _hash(train.identity(), val.identity())
+        if self._data_id is None:  # hashes every file name: once per run, not once per fingerprint
+            train, val = self.data()
+            self._data_id = _hash(train.identity(), val.identity())
+        return self._data_id
 
     # -- the stage graph ----------------------------------------------------------------------
     def reads(self, stage: str, source: str | None = None) -> tuple[str, ...]:
@@ -113,7 +117,15 @@ class Pipeline:
         raise ValueError(stage)
 
     def fingerprint(self, stage: str, source: str | None = None) -> str:
-        """Pure: the options the stage reads, the data's identity and its inputs' fingerprints; it runs nothing."""
+        """Pure: the options the stage reads, the data's identity and its inputs' fingerprints; it runs nothing.
+
+        The config and the data are fixed for a Pipeline's life, so each fingerprint is computed once."""
+        key = (stage, source)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self._fingerprint(stage, source)
+        return self._fingerprints[key]
+
+    def _fingerprint(self, stage: str, source: str | None) -> str:
         parts = [stage, source or "", self.cfg.fingerprint(*_OPTIONS[stage])]
         if stage != "refine":  # refinement reads the distilled images, not the original set
             parts.append(self._data_identity())
@@ -122,7 +134,7 @@ class Pipeline:
         if stage == "teachers" and trains_full(c):
             parts.append("full observer")  # the run then goes on to teachers.epochs
         if stage == "select" and c.select.method == "rded" and is_checkpoint_path(c.select.observer):
-            parts.append(file_sha256(c.select.observer))
+            parts.append(file_sha256(c.select.observer, "observer checkpoint (select.observer names a file)"))
         if stage == "student" and source == "projector" and c.student.artifact:
             parts.append(self._artifact_identity())
         return _hash(*parts)

@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hello_fast.ops._limits import strip_source_index
+from hello_fast._limits import MAX_VIEWS, strip_source_index  # MAX_VIEWS: enforced by the dispatcher
 
-MAX_VIEWS = 4  # the package-wide limit, enforced by hello_fast.ops.augment_mix
 
 
 @triton.jit
@@ -134,7 +133,7 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, mode, out_size, views
     block = min(block, triton.next_power_of_2(out_size * out_size))
     H, W = src.shape[-2:]
     if shuffle is not None:
-        # the one rule for strip maps (hello_fast.ops._limits), shared with every other backend
+        # the one rule for strip maps (hello_fast._limits), shared with every other backend
         rows = strip_source_index(shuffle[:, 0], H).to(torch.int32).contiguous()  # (B, H) source row of each row
         cols = strip_source_index(shuffle[:, 1], W).to(torch.int32).contiguous()  # (B, W)
     else:

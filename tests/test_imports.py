@@ -4,6 +4,8 @@ The graph is read from the source (every `import` statement, at module top or in
 so a circle that only closes at run time is found too.
 """
 import ast
+import importlib
+import multiprocessing
 import pathlib
 import sys
 
@@ -53,6 +55,11 @@ def _graph():
                 name = name.rpartition(".")[0]
             if name and name != m and name != "hello_fast":  # `from hello_fast import _C` is the extension
                 edges[m].add(name)
+                parent = name.rpartition(".")[0]  # importing a.b.c runs the packages a.b's __init__ first
+                while parent not in ("", "hello_fast") and parent != m and not m.startswith(parent + "."):
+                    if parent in mods:
+                        edges[m].add(parent)
+                    parent = parent.rpartition(".")[0]
     return edges
 
 
@@ -96,3 +103,27 @@ def test_imports_inside_functions_are_only_heavy_optional_dependencies():
             if in_function and not name.startswith(LOCAL_OK) and str(path.relative_to(ROOT)) not in DEFERRING:
                 hidden.append(f"{path.relative_to(ROOT)}:{line} imports {name} inside a function")
     assert not hidden, "\n".join(hidden)
+
+
+def _import_alone(name, queue):
+    try:
+        importlib.import_module(name)
+        queue.put((name, None))
+    except Exception as e:  # noqa: BLE001 (reported by the test)
+        queue.put((name, f"{type(e).__name__}: {e}"))
+
+
+def test_every_module_imports_first():
+    """Each module imported first in a fresh process (forked before any hello_fast import): an import
+    circle that only shows for one import order fails here."""
+    ctx = multiprocessing.get_context("fork")
+    failures = []
+    for name in sorted(m for m in _modules() if not m.startswith("hello_fast.kernels") and m != "hello_fast.__main__"):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_import_alone, args=(name, queue))
+        p.start()
+        p.join(120)
+        _, error = queue.get(timeout=5) if p.exitcode == 0 else (name, f"exit code {p.exitcode}")
+        if error:
+            failures.append(f"{name}: {error}")
+    assert not failures, "\n".join(failures)

@@ -30,8 +30,8 @@ from importlib import resources
 
 import torch
 
+from hello_fast._io import file_sha256, read_state_dict
 from hello_fast._progress import log
-from hello_fast._util import read_state_dict
 from hello_fast.errors import HelloError
 from hello_fast.models._torchscript import (
     is_torchscript_archive,
@@ -306,12 +306,8 @@ def _openai_archive_in_cache(tag_cfg: dict) -> str | None:
     path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
     if not os.path.isfile(path):
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
     expected = url.split("/")[-2]  # OpenAI's URLs carry the file's sha256
-    if not h.hexdigest().startswith(expected):
+    if not file_sha256(path).startswith(expected):  # hashed once per process (244 MB for RN50)
         log(f"clip: {path} is not OpenAI's file (sha256 differs from the one in its URL); not used")
         return None
     return path

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from hello_fast.ops._limits import DTYPE_CODES, MAX_VIEWS
+from hello_fast._limits import DTYPE_CODES, MAX_VIEWS
 
 _done = False
 

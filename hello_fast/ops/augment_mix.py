@@ -41,10 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast.ops import _backend
-from hello_fast.ops._limits import DTYPE_CODES, MAX_VIEWS, strip_source_index
+from hello_fast._limits import DTYPE_CODES, MAX_SHUFFLE_FACTOR, MAX_VIEWS, strip_source_index
 
 MODES = ("none", "mixup", "cutmix")
-MAX_SHUFFLE_FACTOR = 64  # csrc/ops/limits.h kMaxShuffleFactor (the CUDA kernel checks a strip order in a 64-bit mask)
 # preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
 _OFFERED = _backend.CUDA_THEN_TRITON
 

@@ -16,7 +16,6 @@ PyTorch's ImageNet example saves it) or `.safetensors` (plain, or a hello_fast n
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -24,8 +23,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from hello_fast._io import read_state_dict
 from hello_fast._progress import log, progress
-from hello_fast._util import Normalize, load_network, read_state_dict
+from hello_fast._util import Normalize, load_network
 from hello_fast.data.distilled import save_distilled
 from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
 from hello_fast.errors import HelloError
@@ -122,17 +122,6 @@ def checkpoint_observer(path: str, cfg, num_classes: int, device) -> Observer:
                              f"{tuple(t.shape)}{hint}")
     model.load_state_dict(state)
     return Observer(model.to(device).eval(), Normalize(IMAGENET_MEAN, IMAGENET_STD), cfg.data.image_size)
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file's bytes (an observer checkpoint's identity in the select stage's fingerprint)."""
-    if not os.path.isfile(path):
-        raise HelloError(f"observer checkpoint {path} does not exist (select.observer names a file)")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_observer(cfg, run, device, num_classes: int) -> Observer | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 MAX_VIEWS = 4  # augment_mix views: csrc/ops/limits.h kMaxViews; the Triton kernel's MAX_VIEWS
+MAX_SHUFFLE_FACTOR = 64  # csrc/ops/limits.h kMaxShuffleFactor (the CUDA kernel checks a strip order in a 64-bit mask)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the csrc augment_mix op's view dtype codes
 
 
