@@ -248,9 +248,14 @@ SECTIONS = {"data": DataConfig, "clip": ClipConfig, "teachers": TeachersConfig, 
             "projector": ProjectorConfig, "refine": RefineConfig, "student": StudentConfig}
 
 
+def looks_like_file(value: str) -> bool:
+    """An option value that names a file (a path, or a checkpoint's file name) rather than a built-in choice or tag."""
+    return "/" in value or os.sep in value or value.endswith((".pth", ".pt", ".bin", ".safetensors"))
+
+
 def is_checkpoint_path(value: str) -> bool:
     """A select.observer value that names a checkpoint file rather than a built-in observer."""
-    return value not in OBSERVERS and ("/" in value or os.sep in value or value.endswith((".pth", ".pt", ".bin", ".safetensors")))
+    return value not in OBSERVERS and looks_like_file(value)
 
 
 # -- the declarations, read back -----------------------------------------------------------------
@@ -277,8 +282,7 @@ class Option:
     @property
     def choices(self) -> tuple | None:
         """The allowed values of a Literal option (None for others)."""
-        hint = _strip_none(self.hint)
-        return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+        return _choices(self.hint)
 
     def type_name(self) -> str:
         return _type_name(self.hint)
@@ -303,6 +307,11 @@ def option(key: str) -> Option:
         if o.key == key:
             return o
     raise HelloError(f"config: unknown key {key}")
+
+
+def _choices(hint) -> tuple | None:
+    hint = _strip_none(hint)
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 def _strip_none(hint):
@@ -472,7 +481,7 @@ def _build(cls, data: dict, prefix: str):
             continue
         out = _coerce(prefix + name, value, hints[name])
         if out is _NO:
-            choices = typing.get_args(_strip_none(hints[name])) if typing.get_origin(_strip_none(hints[name])) is Literal else None
+            choices = _choices(hints[name])
             if choices:
                 raise HelloError(f"config: {prefix}{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
             raise HelloError(f"config: {prefix}{name} must be {_type_name(hints[name])}, got {value!r}")

@@ -28,7 +28,7 @@ from hello_fast.stages import select as sel
 from hello_fast.stages import student as st
 from hello_fast.stages.projector import artifact_path, train_projector
 from hello_fast.stages.refine import refine_images
-from hello_fast.stages.report import write_report
+from hello_fast.stages.report import run_title, write_report
 from hello_fast.stages.teachers import train_teachers, trains_full
 from hello_fast.storage import storage_report
 
@@ -235,6 +235,7 @@ class Pipeline:
                 stages[s] = d["summary"]
         results = {
             "config": self.cfg.name,
+            "title": run_title(self.cfg),
             "data": self.cfg.data.root if self.cfg.data.source == "folder" else self.cfg.data.source,
             "students": {k: {m: v[m] for m in ("top1_last", "top1_best", "label_bytes")} for k, v in students.items()},
             "storage": {k: storage[k] for k in ("artifact_bytes", "artifact_dtype", "artifact_bytes_fp16", "artifact_bytes_int8",

@@ -16,6 +16,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from hello_fast.distributed import resolve_device
 from hello_fast.errors import HelloError
 from hello_fast.projector.artifact import load_projector
 
@@ -27,7 +28,7 @@ class Relabeler:
 
     def _adopt(self, projector, meta: dict, device, dtype, capture: bool) -> None:
         """Take ownership of `projector`: merge its LoRA, freeze it and cast it for labeling (in place)."""
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(str(device or "auto"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.meta = meta

@@ -40,13 +40,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hello_fast.distributed import resolve_device
 from hello_fast.errors import HelloError
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.ops import augment_mix, sample_augment_params, soft_label_loss
 from hello_fast.relabel import Relabeler
 from hello_fast.rundir import RunDir
 from hello_fast.stages.projector import artifact_path
-from hello_fast.stages.teachers import load_teachers
+from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
 MODES = ("batch", "pair", "elem")
 LOSS_MODES = ("mse", "kl")
@@ -154,7 +155,7 @@ class RelabelMix:
         if source == "teacher":
             if run.done("teachers") is None:
                 raise HelloError(f"{run.root} has no finished teachers stage; run `hello-fast teachers --out {run.root}` first")
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = resolve_device(str(device or "auto"))
             return cls(load_teachers(run, device), device=device, **options)
         raise HelloError(f"RelabelMix.from_run: source must be projector or teacher, got {source!r}")
 
@@ -255,10 +256,7 @@ class RelabelMix:
         if self.relabeler is not None:
             return self.relabeler(view)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            out = self.teachers[0](view).float()
-            for t in self.teachers[1:]:
-                out = out + t(view).float()
-        return out / len(self.teachers)
+            return mean_teacher_logits(self.teachers, view)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, soft): the student's view (B, 3, S, S) and the labeler's (B, C) float32 logits or probabilities."""

@@ -94,11 +94,6 @@ def _artifact_sizes(cfg, num_classes: int, class_names: list[str]) -> dict:
     }
 
 
-def artifact_file_bytes(cfg, num_classes: int, class_names: list[str]) -> tuple[int, int]:
-    """(bytes, LoRA parameters) of the artifact this config would write (in projector.artifact_dtype)."""
-    s = _artifact_sizes(cfg, num_classes, class_names)
-    return s["artifact"][cfg.projector.artifact_dtype], s["lora_parameters"]
-
 
 def storage_report(cfg, num_classes: int | None = None, class_names: list[str] | None = None) -> dict:
     """Storage in bytes of each scheme for `cfg`: artifact_bytes (the configured dtype) and _fp32/_fp16/_int8,

@@ -6,7 +6,9 @@ import pytest
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
-from hello_fast.data.class_names import IMAGENET_1K_WNIDS, check_prompt_names, folder_class_names
+from hello_fast.data.class_names import check_prompt_names, folder_class_names, imagenet_1k_wnids
+
+IMAGENET_1K_WNIDS = imagenet_1k_wnids()
 from hello_fast.data.sources import folder_splits
 from hello_fast.errors import HelloError
 from hello_fast.models.clip import load_clip

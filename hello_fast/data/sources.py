@@ -194,10 +194,6 @@ def procedural_splits(num_classes: int, per_class: int, size: int, val_fraction:
     )
 
 
-def _human_names(folders: list[str], root: str) -> list[str]:
-    return folder_class_names(folders, root)  # the naming rules live in data/class_names.py
-
-
 def _scan_class_folders(split_dir: str, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
     if classes is None:
         classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
@@ -242,12 +238,14 @@ def _checked(files: list[str], labels: list[int], check: validate.ImageCheck, wh
 
 
 def folder_splits(root: str, val_fraction: float, on_bad_image: str, *, check: bool = True,
-                  cache: str | None = None) -> tuple[FileImageSet, FileImageSet]:
+                  cache: str | None = None, num_classes: int | None = None,
+                  class_names: list[str] | None = None) -> tuple[FileImageSet, FileImageSet]:
     """An ImageNet-style folder: root/train/<class>/*, root/val/<class>/*; or root/<class>/* split here.
 
-    Every file passes the image check first (hello_fast.data.validate; `check=False`: directory
-    entries only), with its verdicts cached at `cache`; the files it leaves out are gone before
-    the split, so the others keep their split and order. Both sets carry the verdicts (`.check`).
+    Every file passes the image check (hello_fast.data.validate; `check=False`: directory entries
+    only), with its verdicts cached at `cache`; the files it leaves out are gone before the split,
+    so the others keep their split and order. Both sets carry the verdicts (`.check`). The class
+    count and names are checked against `num_classes`/`class_names` before that (costly) pass.
     """
     if not root:
         raise HelloError("no data folder given: pass --data DIR (an ImageNet-style folder with train/ and val/)")
@@ -265,11 +263,14 @@ def folder_splits(root: str, val_fraction: float, on_bad_image: str, *, check: b
             raise HelloError(f"data folder {root} is empty (expected train/ and val/ class folders)")
         where = root
         classes, files, labels = _scan_class_folders(root, None)
+    has_val = where == train_dir and os.path.isdir(val_dir)
+    names = _class_names(len(classes), num_classes, class_names) or folder_class_names(classes, root)
     verdicts = validate.screen(files + vfiles, on_bad_image=on_bad_image, cache=cache, full=check)
     files, labels = _checked(files, labels, verdicts, where, classes)
     vfiles, vlabels = _checked(vfiles, vlabels, verdicts, val_dir, classes, every_class=False)
-    names = _human_names(classes, root)
-    if vfiles:
+    if has_val and not vfiles:  # a val/ folder is never silently replaced by a split of train/
+        raise HelloError(f"{val_dir} has no readable images in class folders (expected {val_dir}/<class>/<image files>)")
+    if has_val:
         sets = FileImageSet(files, labels, names, on_bad_image), FileImageSet(vfiles, vlabels, names, on_bad_image)
     else:
         tr, va = _stratified_split(np.array(labels), val_fraction)
@@ -288,14 +289,18 @@ def load_splits(data_cfg, class_names: list[str] | None = None, check_cache: str
         train, val = procedural_splits(data_cfg.procedural_classes, data_cfg.procedural_per_class, data_cfg.image_size, data_cfg.val_fraction)
     else:
         train, val = folder_splits(data_cfg.root, data_cfg.val_fraction, data_cfg.on_bad_image, check=data_cfg.validate,
-                                   cache=check_cache)
-    if data_cfg.num_classes is not None and train.num_classes != data_cfg.num_classes:
-        raise HelloError(
-            f"the data has {train.num_classes} classes but the config expects {data_cfg.num_classes} "
-            "(set data.num_classes, or use a preset that matches the data)"
-        )
-    if class_names is not None:
-        if len(class_names) != train.num_classes:
-            raise HelloError(f"clip.class_names lists {len(class_names)} names for {train.num_classes} classes")
-        train.class_names = val.class_names = list(class_names)
+                                   cache=check_cache, num_classes=data_cfg.num_classes, class_names=class_names)
+    names = _class_names(train.num_classes, data_cfg.num_classes, class_names)
+    if names is not None:
+        train.class_names = val.class_names = names
     return train, val
+
+
+def _class_names(found: int, num_classes: int | None, class_names: list[str] | None) -> list[str] | None:
+    """Check the data's class count against the config; the config's class names, if it gives them."""
+    if num_classes is not None and found != num_classes:
+        raise HelloError(f"the data has {found} classes but the config expects {num_classes} "
+                         "(set data.num_classes, or use a preset that matches the data)")
+    if class_names is not None and len(class_names) != found:
+        raise HelloError(f"clip.class_names lists {len(class_names)} names for {found} classes")
+    return list(class_names) if class_names is not None else None

@@ -32,6 +32,7 @@ import torch
 
 from hello_fast._io import file_sha256, read_state_dict
 from hello_fast._progress import log
+from hello_fast.config import looks_like_file
 from hello_fast.errors import HelloError
 from hello_fast.models._torchscript import (
     is_torchscript_archive,
@@ -157,8 +158,7 @@ def _published_activations(name: str) -> set[str]:
 
 
 def _is_path(pretrained: str) -> bool:
-    return os.path.exists(pretrained) or os.sep in pretrained or "/" in pretrained or \
-        pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    return os.path.exists(pretrained) or looks_like_file(pretrained)
 
 
 def expected_activation(name: str, pretrained: str | None, activation: str = "auto") -> str:

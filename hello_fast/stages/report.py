@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import yaml
-
 from hello_fast._io import atomic_path, write_json
 from hello_fast.storage import format_bytes
 
@@ -30,16 +28,11 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_title(run, results: dict) -> str:
+def run_title(cfg) -> str:
     """What the run distilled: the config's name, and the data folder's name when the data is a folder of the user's."""
-    try:
-        with open(run.path("config.yaml")) as f:
-            data = (yaml.safe_load(f) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        data = {}
-    if data.get("source") == "folder" and data.get("root"):
-        return f"{os.path.basename(os.path.normpath(data['root']))} ({results['config']} config)"
-    return results["config"]
+    if cfg.data.source == "folder" and cfg.data.root:
+        return f"{os.path.basename(os.path.normpath(cfg.data.root))} ({cfg.name} config)"
+    return cfg.name
 
 
 def _plot(results: dict, path: str, title: str | None = None) -> None:
@@ -72,7 +65,7 @@ def _plot(results: dict, path: str, title: str | None = None) -> None:
 
 def write_report(run, results: dict) -> None:
     write_json(run.path(RESULTS), results)
-    title = run_title(run, results)
+    title = results.get("title", results["config"])
     _plot(results, run.path(PLOT), title)
     lines = [
         f"# hello_fast run: {title}",
