@@ -8,6 +8,7 @@ The reference and the contract are in hello_fast.ops.augment_mix.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -116,13 +117,20 @@ def _augment_mix_kernel(
 MODE_CODES = {"none": 0, "mixup": 1, "cutmix": 2}
 
 
+@functools.lru_cache(maxsize=32)
+def _norm_table(stats: tuple, device: torch.device) -> torch.Tensor:
+    """The views' (mean, std) rows on the device, made once per (views, device): a host-to-device copy per
+    launch would wait for the GPU's queued work every step."""
+    return torch.tensor([[*m, *s] for m, s in stats], dtype=torch.float32, device=device)
+
+
 def augment_mix(src, index, crop, flip, partner, lam, cut, mode, out_size, views, channels_last=False, shuffle=None):
     """Launch the kernel; `views` is [(mean[3], std[3], dtype)] (at most MAX_VIEWS), `shuffle` None or the strip
     orders int64 (B, 2, factor). Returns the views tuple."""
     B = index.shape[0]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     outs = [torch.empty((B, 3, out_size, out_size), device=src.device, dtype=d, memory_format=fmt) for _, _, d in views]
-    norm = torch.tensor([[*m, *s] for m, s, _ in views], dtype=torch.float32, device=src.device)
+    norm = _norm_table(tuple((tuple(m), tuple(s)) for m, s, _ in views), src.device)
     padded = outs + [outs[0]] * (MAX_VIEWS - len(outs))
     strides = [s for o in padded for s in o.stride()]
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -77,10 +77,12 @@ def _check(student_logits, target_logits, hard, partner, lam, mode, temperature,
         raise ValueError(f"soft_label_loss: temperature must be a positive finite number, got {temperature}")
     if not abs(beta) < float("inf"):
         raise ValueError(f"soft_label_loss: beta must be finite, got {beta}")
-    if int(hard.min()) < 0 or int(hard.max()) >= C:
-        raise IndexError(f"soft_label_loss: hard labels must lie in [0, {C}), got [{int(hard.min())}, {int(hard.max())}]")
-    if int(partner.min()) < 0 or int(partner.max()) >= B:
-        raise IndexError(f"soft_label_loss: partner must index batch rows [0, {B}), got [{int(partner.min())}, {int(partner.max())}]")
+    # one device-to-host read for the four bounds (a sync per training step, not four)
+    h_lo, h_hi, p_lo, p_hi = torch.stack([hard.min(), hard.max(), partner.min(), partner.max()]).tolist()
+    if h_lo < 0 or h_hi >= C:
+        raise IndexError(f"soft_label_loss: hard labels must lie in [0, {C}), got [{h_lo}, {h_hi}]")
+    if p_lo < 0 or p_hi >= B:
+        raise IndexError(f"soft_label_loss: partner must index batch rows [0, {B}), got [{p_lo}, {p_hi}]")
 
 
 def soft_label_loss(student_logits, target_logits, hard, partner, lam, *, mode="mse", temperature=1.0, beta=0.0, backend=None):
