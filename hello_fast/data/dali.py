@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from hello_fast import distributed
+from hello_fast.data import validate
 from hello_fast.data.resident import Batch, ResidentSet
 from hello_fast.errors import HelloError
 from hello_fast.ops.augment_mix import effective_lam, shuffle_patches
@@ -274,7 +275,7 @@ class FolderBatches:
         found = sorted({i for i in remaining if os.path.abspath(self.images.files[i]) in named})
         suspects = remaining[: 3 * self.batch_size]
         if not found:  # the image check's verdict, taken now (a file changed since the run's check, or never checked)
-            found = sorted({i for i in suspects if self.images.decode_error(i) is not None})
+            found = sorted({i for i in suspects if validate.image_error(self.images.files[i]) is not None})
         if not found:  # a file PIL reads but DALI does not (GIF or ICO bytes under a .jpg name): ask DALI, halving
             bad = undecodable([self.images.files[i] for i in suspects], device_id=self.device_id, num_threads=self.threads)
             found = sorted(suspects[k] for k in bad)
@@ -393,7 +394,7 @@ class DaliDistilledSet:
             v = mix_views(v, partner, lam, cut, mix)
             v = v.to(dtype)
             out.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
-        return Batch(tuple(out), self.labels[index], partner, mix_weights(lam, cut, mix, out_size), index, params)
+        return Batch(tuple(out), self.labels[index], partner, effective_lam(mix, lam, cut, out_size), index, params)
 
 
 def mix_views(x: torch.Tensor, partner, lam, cut, mode: str) -> torch.Tensor:
@@ -411,8 +412,3 @@ def mix_views(x: torch.Tensor, partner, lam, cut, mode: str) -> torch.Tensor:
         box = (rows[:, :, None] & cols[:, None, :])[:, None]
         return torch.where(box, x[partner], x)
     return x
-
-
-def mix_weights(lam, cut, mode: str, out_size: int) -> torch.Tensor:
-    """lam_eff: each sample's own-label weight after mixing (the one rule, hello_fast.ops.augment_mix.effective_lam)."""
-    return effective_lam(mode, lam, cut, out_size)

@@ -97,10 +97,6 @@ class FileImageSet(ImageSet):
         with Image.open(self.files[i]) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
-    def decode_error(self, i: int) -> str | None:
-        """Why image i must not be read (the image check's verdict, taken now), or None if it is readable."""
-        return validate.image_error(self.files[i])
-
     def load(self, i):
         try:
             arr = self._decode(i)

@@ -235,7 +235,6 @@ class ImageCheck:
     seconds: float = 0.0
     workers: int = 1
     mode: str = "full"  # full (structure + decode) | quick (directory entries only: data.validate false)
-    cache: str | None = None
 
     @property
     def files_per_second(self) -> float:
@@ -384,7 +383,7 @@ def check_images(paths: list[str], *, cache: str | None = None, full: bool = Tru
     bad = {p: r for p, r in zip(paths, reasons) if r is not None}
     workers_used = n_workers if len(todo) >= _PARALLEL_FROM else 1
     return ImageCheck(len(paths), bad, checked=len(todo), from_cache=len(paths) - len(todo), seconds=seconds,
-                      workers=workers_used, cache=cache)
+                      workers=workers_used)
 
 
 def screen(paths: list[str], *, on_bad_image: str, cache: str | None = None, full: bool = True) -> ImageCheck:
