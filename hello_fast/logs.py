@@ -36,14 +36,6 @@ def stage_log_dir(cfg, run_root: str, stage: str) -> str:
     return os.path.join(cfg.log_dir or os.path.join(run_root, "logs"), stage)
 
 
-def run_root_of(stage_dir: str) -> str | None:
-    """The run directory holding a stage's working folder `RUN/.partial/<stage>` (None if it is not one)."""
-    parts = os.path.abspath(stage_dir).split(os.sep)
-    if ".partial" not in parts:
-        return None
-    return os.sep.join(parts[: len(parts) - 1 - parts[::-1].index(".partial")]) or os.sep
-
-
 def _kept_rows(path: str, before_epoch: int) -> list[dict]:
     """The rows of a CSV from an interrupted run that belong to epochs before `before_epoch`."""
     if not os.path.isfile(path):

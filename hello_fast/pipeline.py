@@ -221,7 +221,8 @@ class Pipeline:
             summary = {}
             with self.run.stage(unit, fp, summary, collective=True) as out:
                 labeler = labels.label_source(source, self.cfg, self.run, distilled, out, self.device, self.data()[0])
-                summary.update(st.train_student(self.cfg, distilled, val_set, labeler, self.device, out))
+                summary.update(st.train_student(self.cfg, distilled, val_set, labeler, self.device, out,
+                                                 log_root=self.run.root))
             results[source] = self._timed(unit, summary)
         return results
 

@@ -9,6 +9,7 @@ import torch
 from conftest import gpu, triton_device
 
 from hello_fast.ops import (
+    _backend,
     lora_linear,
     lora_linear_multi,
     lora_linear_multi_reference,
@@ -244,19 +245,23 @@ def test_fp32_with_ieee_precision_runs_cublas_unless_triton_is_named(monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("HELLO_FAST_BACKEND", raising=False)
     on_gpu = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+
+    def pick(requested, x):  # what the op launches: the shared dispatcher over the op's order for x
+        return _backend.choose("lora_linear", requested, x.device, op._offered(x))
+
     restore = _set_fp32_precision("ieee")
     try:
-        assert op._route("triton", None, on_gpu) == "torch"
-        assert op._route("triton", "triton", on_gpu) == "triton"
+        assert pick(None, on_gpu) == "torch"
+        assert pick("triton", on_gpu) == "triton"
         monkeypatch.setenv("HELLO_FAST_BACKEND", "triton")
-        assert op._route("triton", None, on_gpu) == "triton"
+        assert pick(None, on_gpu) == "triton"
         monkeypatch.delenv("HELLO_FAST_BACKEND")
-        assert op._route("triton", None, types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)) == "triton"
+        assert pick(None, types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)) == "triton"
     finally:
         restore()
     restore = _set_fp32_precision("tf32")
     try:
-        assert op._route("triton", None, on_gpu) == "triton"
+        assert pick(None, on_gpu) == "triton"
     finally:
         restore()
 

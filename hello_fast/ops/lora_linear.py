@@ -16,7 +16,6 @@ artifacts in one batch).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -80,12 +79,12 @@ def _triton_is_fast(dtype: torch.dtype) -> bool:
     return kern.precision_for(dtype) != "ieee"
 
 
-def _route(name: str, requested: str | None, x: torch.Tensor) -> str:
-    """The dispatcher's pick, except that where Triton is not the fast path the reference (cuBLAS) runs,
-    unless Triton was asked for by name (`backend=` or the env var)."""
-    if name != "triton" or x.device.type != "cuda" or "triton" in (requested, os.environ.get(_backend.ENV_VAR)):
-        return name
-    return name if _triton_is_fast(x.dtype) else "torch"
+def _offered(x: torch.Tensor) -> tuple[str, ...]:
+    """The backends in order of preference for `x`: the reference (cuBLAS) first where Triton is not the fast
+    path; the dispatcher still honours a backend asked for by name (`backend=` or the env var)."""
+    if x.device.type == "cuda" and _backend.triton_usable(x.device) and not _triton_is_fast(x.dtype):
+        return ("torch", "triton")
+    return _OFFERED
 
 
 class _LoRALinearTriton(torch.autograd.Function):
@@ -133,7 +132,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, backend=None):
     IEEE precision, where cuBLAS runs the reference).
     """
     _check(x, weight, lora_a, lora_b, bias)
-    name = _route(_backend.choose("lora_linear", backend, x.device, _OFFERED), backend, x)
+    name = _backend.choose("lora_linear", backend, x.device, _offered(x))
     if name == "torch":
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
     lead = x.shape[:-1]
@@ -160,7 +159,7 @@ def lora_linear_multi(x, weight, lora_a, lora_b, adapter_index, scales, bias=Non
         raise ValueError(f"lora_linear_multi: {scales.numel()} scales for {n} adapters")
     if adapter_index.numel() and (int(adapter_index.min()) < 0 or int(adapter_index.max()) >= n):
         raise IndexError(f"lora_linear_multi: adapter_index must lie in [0, {n})")
-    name = _route(_backend.choose("lora_linear_multi", backend, x.device, _OFFERED), backend, x)
+    name = _backend.choose("lora_linear_multi", backend, x.device, _offered(x))
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, bias))
     if name == "torch" or grad:
         return lora_linear_multi_reference(x, weight, lora_a, lora_b, adapter_index, scales, bias)

@@ -33,7 +33,7 @@ from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
 from hello_fast.data.dali import DaliDistilledSet
 from hello_fast.data.loader import batches
 from hello_fast.data.resident import ResidentSet
-from hello_fast.logs import TrainingLog, run_root_of
+from hello_fast.logs import TrainingLog
 from hello_fast.models.students import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -143,11 +143,13 @@ class _Steps:
             yield current
 
 
-def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop: str | None = None) -> dict:
+def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop: str | None = None,
+                  log_root: str | None = None) -> dict:
     """Train one student with `source` labels; returns {top1_last, top1_best, label_bytes, history, ...}.
 
     Data-parallel under torchrun (each rank its share of every global batch); resumes from the last
-    epoch checkpoint in `out_dir` when an interrupted run left one.
+    epoch checkpoint in `out_dir` when an interrupted run left one. `log_root`: the run directory whose
+    logs/ receives the training log (None: only where `log_dir` is set).
     """
     sc = cfg.student
     loop = loop or sc.loop
@@ -192,7 +194,7 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         set_rng_state(state["rng"])
         first = state["epoch"] + 1
     guard = FiniteGuard()
-    tlog = TrainingLog.for_stage(cfg, run_root_of(out_dir), f"{STAGE}/{source.name}", first_epoch=first)
+    tlog = TrainingLog.for_stage(cfg, log_root, f"{STAGE}/{source.name}", first_epoch=first)
     bar = progress(range(first, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
     for epoch in bar:
         net.train()
