@@ -321,8 +321,8 @@ def _load_tag(name: str, tag: str, activation: str) -> tuple[torch.nn.Module, st
     if not tag_cfg:
         tags = list_pretrained_tags_by_model(name)
         raise HelloError(f"{tag!r} is neither a pretrained tag of {name} ({', '.join(tags) or 'none'}) nor a file")
-    trained = "quick_gelu" if tag_cfg.get("quick_gelu") else _config_activation(name)
-    act = trained if activation == "auto" else activation
+    trained = expected_activation(name, tag)  # what the tag's weights were trained with
+    act = expected_activation(name, tag, activation)
     if act != trained:
         log(f"clip: note: {name}/{tag} was trained with {trained}; building {act} as clip.activation says")
     archive = _openai_archive_in_cache(tag_cfg)
@@ -356,7 +356,7 @@ def load_clip(name: str, pretrained: str | None = None, init_seed: int = 0, devi
     if name not in open_clip.list_models():
         raise HelloError(f"unknown CLIP model {name!r}; open_clip knows e.g. RN50, ViT-B-32 (and hello-tiny-rn)")
     if pretrained in (None, "", "none", "random"):
-        act = _config_activation(name) if activation == "auto" else activation
+        act = expected_activation(name, None, activation)
         model = _build(name, act, init_seed)
         if calibrate:
             _calibrate_random_tower(model.visual, init_seed)
