@@ -178,6 +178,7 @@ def label_source(source: str, cfg, run, distilled, out_dir: str, device, train_s
     """
     sc = cfg.student
     fast = sc.loop == "fast"
+    device = torch.device(device)
     if source == "hard":
         return HardLabels(len(distilled))
     if source in ("teacher", "stored"):
