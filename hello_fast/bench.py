@@ -36,6 +36,7 @@ from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
 from hello_fast.ops import soft_label_loss
 from hello_fast.projector.model import build_projector
+from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
 
@@ -108,7 +109,7 @@ class _Setup:
 
 def _fast_loop(s: _Setup, source, steps: int) -> float:
     cfg = load_config("digits", [f"student.batch_size={s.args.batch}", f"data.image_size={s.args.res}", "data.flip=true"])
-    views = st.views_for(source, s.device, True)
+    views = schedule.views_for(source, s.device, True)
     model, opt = s.student(True)
     use_amp = s.device.type == "cuda"
     _progress.set_enabled(False)
@@ -236,9 +237,9 @@ def run(args) -> dict:
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)
         writer = s.labeler("fast")
-        stored = labels.StoredLabels.write(tmp, s.resident, writer, st.schedule_of(cfg, len(s.resident)), out_size=args.res,
+        stored = labels.StoredLabels.write(tmp, s.resident, writer, schedule.schedule_of(cfg, len(s.resident)), out_size=args.res,
                                            scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0,
-                                           views=st.views_for(writer, s.device, True))
+                                           views=schedule.views_for(writer, s.device, True))
         step_s["stored"] = _fast_loop(s, stored, args.steps)
     step_s["floor"] = _floor(s, args.steps)
     step_s["naive"] = _cpu_loop(s, "projector", args.steps)

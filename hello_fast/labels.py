@@ -21,8 +21,8 @@ from hello_fast._progress import log, progress
 from hello_fast.errors import HelloError
 from hello_fast.projector.artifact import load_projector
 from hello_fast.relabel import Relabeler
-from hello_fast.stages import student as st
 from hello_fast.stages.projector import artifact_path
+from hello_fast.stages.schedule import resident_set, schedule_of, views_for
 from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
 
@@ -187,12 +187,12 @@ def label_source(source: str, cfg, run, distilled, out_dir: str, device, train_s
         if source == "teacher":
             return teachers
         folder = os.path.join(out_dir, "labels")
-        schedule = st.schedule_of(cfg, len(distilled))
+        schedule = schedule_of(cfg, len(distilled))
         if distributed.world().main and not StoredLabels.complete(folder, schedule):
-            resident = st.resident_set(cfg, distilled, device)
+            resident = resident_set(cfg, distilled, device)
             StoredLabels.write(folder, resident, teachers, schedule, out_size=cfg.data.image_size, scale=sc.scale,
                                flip=cfg.data.flip, mix=sc.mix, alpha=sc.mix_alpha,
-                               views=st.views_for(teachers, device, fast), progress=progress)
+                               views=views_for(teachers, device, fast), progress=progress)
         distributed.barrier()
         return StoredLabels(folder, device)
     if source != "projector":

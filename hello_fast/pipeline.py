@@ -1,10 +1,12 @@
-"""The pipeline: orders the stages, skips the finished ones, and runs any one stage alone.
+"""The pipeline: the stage graph in one place, and the one way every stage is run, skipped and resumed.
 
 `Pipeline(cfg, out).distill()` runs teachers -> select -> projector -> refine -> student -> report
-(select after projector when the projector is the RDED observer). Each stage's fingerprint
-covers its config sections and the fingerprints of the stages it reads, so a rerun redoes
-exactly what a config change made stale. A stage run alone needs its inputs finished and
-current, and says which command makes them.
+(select after projector when the projector is the RDED observer). Each stage declares a `Stage`
+(hello_fast/stages/contract.py): the config options and stages it reads, and `run(inputs,
+stage_dir) -> summary`. Its fingerprint covers exactly those options, the data's identity and
+the fingerprints of the stages it reads, so a rerun redoes exactly what a config change made
+stale; computing it runs nothing. A stage run alone needs its inputs finished and current, and
+says which command makes them.
 """
 from __future__ import annotations
 
@@ -12,36 +14,24 @@ import hashlib
 import os
 import time
 
-from hello_fast import distributed, labels
-from hello_fast._io import file_sha256
+from hello_fast import distributed
 from hello_fast._progress import log
 from hello_fast._util import seed_everything
-from hello_fast.config import Config, is_checkpoint_path, save_config
-from hello_fast.data.distilled import load_distilled
+from hello_fast.config import Config, save_config
 from hello_fast.data.loader import resolve_loader
 from hello_fast.data.sources import load_splits
 from hello_fast.data.validate import CACHE_NAME, images_summary
 from hello_fast.errors import HelloError
-from hello_fast.projector.artifact import read_artifact
 from hello_fast.rundir import RunDir
-from hello_fast.stages import select as sel
-from hello_fast.stages import student as st
-from hello_fast.stages.projector import artifact_path, train_projector
-from hello_fast.stages.refine import refine_images
+from hello_fast.stages import projector, refine, select, student, teachers
+from hello_fast.stages.contract import Stage, StageInputs
 from hello_fast.stages.report import run_title, write_report
-from hello_fast.stages.teachers import train_teachers, trains_full
 from hello_fast.storage import storage_report
 
-STAGES = ("teachers", "select", "projector", "refine", "student")
-# the config options each stage reads (a section: its options less the result-neutral ones; -key: left out).
-# One student (one label source) does not read the list of sources, nor another source's artifact.
-_OPTIONS = {
-    "teachers": ("data", "teachers"),
-    "select": ("data", "select"),
-    "projector": ("data", "clip", "projector"),
-    "refine": ("refine",),
-    "student": ("data", "student", "-student.label_sources", "-student.artifact", "-student.artifact_weights"),
-}
+# The stage graph: each stage declares what it reads (hello_fast/stages/contract.py); distill() runs
+# them in this order, except that select follows projector when the projector is its observer.
+GRAPH: dict[str, Stage] = {s.name: s for s in (teachers.STAGE, select.STAGE, projector.STAGE, refine.STAGE, student.STAGE)}
+STAGES = tuple(GRAPH)
 
 
 def _hash(*parts: str) -> str:
@@ -94,137 +84,96 @@ class Pipeline:
         return self._data_id
 
     # -- the stage graph ----------------------------------------------------------------------
-    def reads(self, stage: str, source: str | None = None) -> tuple[str, ...]:
-        """The finished stages whose outputs `stage` reads, from the config alone."""
-        c = self.cfg
-        if stage == "teachers":
-            return ()
-        if stage == "projector":
-            return ("teachers",)
-        if stage == "select":
-            if c.select.method == "random" or is_checkpoint_path(c.select.observer):
-                return ()
-            return ("projector",) if c.select.observer == "projector" else ("teachers",)
-        if stage == "refine":
-            return ("select", "projector")
-        if stage == "student":
-            inputs = [self._distilled_stage()]
-            if source in ("teacher", "stored"):
-                inputs.append("teachers")
-            if source == "projector" and not c.student.artifact:
-                inputs.append("projector")
-            return tuple(inputs)
-        raise ValueError(stage)
+    def reads(self, stage: str, unit: str | None = None) -> tuple[str, ...]:
+        """The finished stages whose outputs `stage` (its `unit`: a label source) reads, from the config alone."""
+        return GRAPH[stage].reads(self.cfg, unit)
 
-    def fingerprint(self, stage: str, source: str | None = None) -> str:
+    def fingerprint(self, stage: str, unit: str | None = None) -> str:
         """Pure: the options the stage reads, the data's identity and its inputs' fingerprints; it runs nothing.
 
         The config and the data are fixed for a Pipeline's life, so each fingerprint is computed once."""
-        key = (stage, source)
+        key = (stage, unit)
         if key not in self._fingerprints:
-            self._fingerprints[key] = self._fingerprint(stage, source)
+            s = GRAPH[stage]
+            parts = [stage, unit or "", self.cfg.fingerprint(*s.options)]
+            if s.reads_data:
+                parts.append(self._data_identity())
+            parts += s.identity(self.cfg, unit)
+            parts += [self.fingerprint(up) for up in s.reads(self.cfg, unit)]
+            self._fingerprints[key] = _hash(*parts)
         return self._fingerprints[key]
 
-    def _fingerprint(self, stage: str, source: str | None) -> str:
-        parts = [stage, source or "", self.cfg.fingerprint(*_OPTIONS[stage])]
-        if stage != "refine":  # refinement reads the distilled images, not the original set
-            parts.append(self._data_identity())
-        parts += [self.fingerprint(up) for up in self.reads(stage, source)]
-        c = self.cfg
-        if stage == "teachers" and trains_full(c):
-            parts.append("full observer")  # the run then goes on to teachers.epochs
-        if stage == "select" and c.select.method == "rded" and is_checkpoint_path(c.select.observer):
-            parts.append(file_sha256(c.select.observer, "observer checkpoint (select.observer names a file)"))
-        if stage == "student" and source == "projector" and c.student.artifact:
-            parts.append(self._artifact_identity())
-        return _hash(*parts)
-
-    def _artifact_identity(self) -> str:
-        _, meta = read_artifact(self.cfg.student.artifact)
-        return _hash(meta["tensors_sha256"], self.cfg.student.artifact_weights or "")
-
-    def _distilled_stage(self) -> str:
-        return "refine" if self.cfg.refine.enabled else "select"
-
-    def _require_inputs(self, stage: str, source: str | None = None) -> None:
+    def _require_inputs(self, stage: str, unit: str | None = None) -> None:
         """Every input of `stage` finished and current; in distill mode a missing one is made first."""
-        for up in self.reads(stage, source):
+        for up in self.reads(stage, unit):
             if self.run.is_current(up, self.fingerprint(up)):
                 continue
             if self._auto:
-                getattr(self, up)()
+                self._run(up)
                 continue
             what = "has not run" if self.run.done(up) is None else "is out of date with this config"
             raise HelloError(f"the {up} stage {what} in {self.run.root}: run `hello-fast {up} --out {self.run.root}` "
                              f"(or `hello-fast distill`) first")
 
-    def _timed(self, stage: str, summary: dict | None) -> dict | None:
+    def _timed(self, name: str, summary: dict | None) -> dict | None:
         if summary is not None and "seconds" in summary:
-            log(f"{stage}: done in {summary['seconds']:.1f} s")
+            log(f"{name}: done in {summary['seconds']:.1f} s")
         return summary
 
-    def _skip(self, stage: str, fp: str) -> dict | None:
-        if not self.force and self.run.is_current(stage, fp):
-            log(f"{stage}: finished earlier with this config, skipping (--force redoes it)")
-            return self.run.done(stage)["summary"]
+    def _skip(self, name: str, fp: str) -> dict | None:
+        if not self.force and self.run.is_current(name, fp):
+            log(f"{name}: finished earlier with this config, skipping (--force redoes it)")
+            return self.run.done(name)["summary"]
         self._record_config()
         return None
 
-    # -- stages -------------------------------------------------------------------------------
-    def _stage(self, stage: str, work, *, on_main: bool = False) -> dict:
-        """Skip a finished, current stage; else seed and run work(fingerprint) (rank 0 alone when on_main)."""
-        fp = self.fingerprint(stage)
-        done = self._skip(stage, fp)
-        if done is not None:
-            return done
-        self._require_inputs(stage)
-        seed_everything(self.cfg.seed)
-        if on_main:
-            return self._on_main(stage, lambda: self._timed(stage, work(fp)))
-        return self._timed(stage, work(fp))
+    # -- running a stage: the same for all five -----------------------------------------------
+    def _run(self, stage: str):
+        """Each unit of `stage`: skip it when finished and current, else make its inputs current, seed, and run it
+        in a run-directory transaction (rank 0 alone when the stage is not collective). Returns the summary
+        (a stage with units: {unit: summary}; a disabled stage: None)."""
+        s = GRAPH[stage]
+        if not s.enabled(self.cfg):
+            log(f"{stage}: {s.disabled_note}")
+            return None
+        results = {}
+        for unit in s.units(self.cfg):
+            name, fp = s.unit_name(unit), self.fingerprint(stage, unit)
+            done = self._skip(name, fp)
+            if done is None:
+                self._require_inputs(stage, unit)
+                seed_everything(self.cfg.seed)
+                inputs = StageInputs(self.cfg, self.run, self.device, self.data, unit)
+                if s.collective:
+                    done = self._transaction(s, name, fp, inputs)
+                else:
+                    done = self._on_main(name, lambda: self._transaction(s, name, fp, inputs))
+                self._timed(name, done)
+            results[unit] = done
+        return results[None] if list(results) == [None] else results
+
+    def _transaction(self, s: Stage, name: str, fp: str, inputs: StageInputs) -> dict:
+        """Run the stage in RUN/.partial/<name>; it becomes RUN/<name> (with done.json) only if run returns."""
+        summary = {}
+        with self.run.stage(name, fp, summary, collective=s.collective) as out:
+            summary.update(s.run(inputs, out))
+        return summary
 
     def teachers(self) -> dict:
-        return self._stage("teachers", lambda fp: train_teachers(self.cfg, self.data(), self.run, self.device, fp))
+        return self._run("teachers")
 
     def projector(self) -> dict:
-        return self._stage("projector", lambda fp: train_projector(self.cfg, self.data(), self.run, self.device, fp))
+        return self._run("projector")
 
     def select(self) -> dict:
-        def work(fp):
-            observer = sel.make_observer(self.cfg, self.run, self.device, self.data()[0].num_classes)
-            return sel.select_images(self.cfg, self.data(), self.run, self.device, fp, observer)
-
-        return self._stage("select", work, on_main=True)
+        return self._run("select")
 
     def refine(self) -> dict | None:
-        if not self.cfg.refine.enabled:
-            log("refine: disabled in this config (refine.enabled: false), the selected images are used as they are")
-            return None
-        return self._stage("refine", lambda fp: refine_images(self.cfg, self.run, self.device, fp, self.run.path("select"),
-                                                              artifact_path(self.run)), on_main=True)
+        return self._run("refine")
 
     def student(self) -> dict:
-        """Train one student per label source (each its own resumable unit); returns results."""
-        distilled_dir = self.run.path(self._distilled_stage())
-        results = {}
-        for source in self.cfg.student.label_sources:
-            unit = f"student/{source}"
-            fp = self.fingerprint("student", source)
-            done = self._skip(unit, fp)
-            if done is not None:
-                results[source] = done
-                continue
-            self._require_inputs("student", source)
-            _, val_set = self.data()
-            distilled = load_distilled(distilled_dir)
-            seed_everything(self.cfg.seed)
-            summary = {}
-            with self.run.stage(unit, fp, summary, collective=True) as out:
-                labeler = labels.label_source(source, self.cfg, self.run, distilled, out, self.device, self.data()[0])
-                summary.update(st.train_student(self.cfg, distilled, val_set, labeler, self.device, out,
-                                                 log_root=self.run.root))
-            results[source] = self._timed(unit, summary)
-        return results
+        """One student per label source (each its own resumable unit): {source: summary}."""
+        return self._run("student")
 
     def report(self, students: dict) -> dict:
         train, _ = self.data()
@@ -243,7 +192,7 @@ class Pipeline:
                                                 "sre2l_soft_label_bytes", "teacher_bytes", "backbone", "backbone_bytes",
                                                 "backbone_downloaded")},
             "stages": stages,
-            "distilled_dir": self.run.path(self._distilled_stage()),
+            "distilled_dir": self.run.path(student.distilled_stage(self.cfg)),
         }
         images = images_summary(*self.data())  # the image check's counts (folder data)
         if images is not None:
@@ -263,18 +212,20 @@ class Pipeline:
         return getattr(self, stage)()
 
     def distill(self) -> dict:
-        """All stages in order, skipping finished ones; then the report. Returns results."""
+        """All stages in order, skipping finished ones; then the report. Returns results.
+
+        The data flow: teachers -> (weak-teacher logits) projector -> (label artifact); teachers or projector
+        (the RDED observer) -> select -> (distilled images) -> refine (with the projector) -> student (one per
+        label source: hard labels, the teachers online, the artifact's projector online, or stored labels)."""
         start = time.time()
         self._auto = True
         try:
-            self.teachers()
-            order = ("projector", "select") if self.cfg.select.observer == "projector" else ("select", "projector")
-            for stage in order:
-                getattr(self, stage)()
-            self.refine()
-            students = self.student()
+            order = ["teachers", "select", "projector", "refine", "student"]
+            if self.cfg.select.observer == "projector":
+                order[1:3] = ["projector", "select"]
+            results = {stage: self._run(stage) for stage in order}
         finally:
             self._auto = False
-        results = self.report(students)
+        results = self.report(results["student"])
         log(f"distill: finished in {time.time() - start:.0f} s; results in {self.run.root}")
         return results

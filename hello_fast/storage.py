@@ -61,7 +61,7 @@ def _class_names(cfg, num_classes: int) -> tuple[list[str], bool]:
     """The class names the artifact would carry; (names, exact?)."""
     if cfg.clip.class_names:
         return list(cfg.clip.class_names), True
-    if cfg.data.source == "digits":
+    if cfg.data.source in ("digits", "mnist5k"):
         return DIGIT_NAMES, True
     if num_classes == 1000:
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES

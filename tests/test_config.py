@@ -131,3 +131,11 @@ def test_data_defines_the_classes_whatever_the_preset(tmp_path):
     assert (kept.data.num_classes, kept.clip.templates) == (2, "digits")  # what the user sets stays
     in1k = load_config("imagenet1k-ipc10", data_root=str(tmp_path))
     assert in1k.data.num_classes is None and in1k.clip.templates == "imagenet"  # a folder preset keeps its prompts
+
+
+def test_yaml_words_that_read_as_booleans_select_a_literal_choice():
+    """`--set student.overlap=on` (YAML 1.1 reads on/off as booleans) means the choice 'on', not an error."""
+    assert load_config("digits", ["student.overlap=on"]).student.overlap == "on"
+    assert load_config("digits", ["student.overlap=off"]).student.overlap == "off"
+    with pytest.raises(HelloError, match="student.loss must be one of mse, kl; got True"):
+        load_config("digits", ["student.loss=yes"])  # no yes-like choice: still refused, naming the key

@@ -108,11 +108,13 @@ def test_same_seed_same_result(tiny_run, tmp_path):
 
 def test_stages_learn_on_procedural_data(tmp_path):
     cfg = tiny_config("data.procedural_per_class=24", "teachers.keep_epochs=[6]", "teachers.width=16",
-                      "teachers.batch_size=8", "teachers.lr=0.01", "student.label_sources=[teacher]", "student.epochs=12",
+                      "teachers.batch_size=8", "teachers.lr=0.01", "student.label_sources=[teacher]", "student.epochs=30",
                       "student.batch_size=6", "refine.enabled=false", "select.ipc=3")
     results = Pipeline(cfg, str(tmp_path / "learn"), device="cpu").distill()
     assert results["stages"]["teachers"]["top1"]["6"] > 60  # chance: 33%
-    assert results["students"]["teacher"]["top1_best"] > 50
+    # MSE on the teacher's raw logits needs steps: 12 epochs (24 steps) stayed at chance (33.3%) and 30 reach
+    # 93.3% best with this seed (2026-12-04); 60 leaves room for another machine's numerics, not for a collapse
+    assert results["students"]["teacher"]["top1_best"] > 60
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "shufflenet_v2_x1_0", "vgg11"])

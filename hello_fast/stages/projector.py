@@ -22,14 +22,15 @@ from hello_fast.models.clip import load_clip, template_strings
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.projector.artifact import artifact_metadata, save_artifact
 from hello_fast.projector.model import build_projector
+from hello_fast.stages.contract import Stage, StageInputs
 from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
-STAGE = "projector"
+NAME = "projector"
 ARTIFACT = "artifact.safetensors"
 
 
 def artifact_path(run) -> str:
-    return run.path(STAGE, ARTIFACT)
+    return run.path(NAME, ARTIFACT)
 
 
 @torch.no_grad()
@@ -47,9 +48,11 @@ def projector_top1(projector, val_set, cfg, device) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
+def train_projector(inputs: StageInputs, out: str) -> dict:
+    """Train the LoRA projector on the weak teachers' averaged logits (Eq. 5) and write the label artifact into `out`."""
+    cfg, device = inputs.cfg, inputs.device
     pc = cfg.projector
-    train_set, val_set = data
+    train_set, val_set = inputs.data()
     class_names = train_set.class_names
     templates = template_strings(cfg.clip.templates)
     backbone = load_clip(cfg.clip.model, cfg.clip.pretrained, cfg.clip.init_seed, device=device, activation=cfg.clip.activation)
@@ -58,7 +61,7 @@ def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
     torch.manual_seed(cfg.seed)
     projector = build_projector(backbone, class_names, templates, conv_rank=pc.conv_rank, head_rank=pc.head_rank,
                                 linear_rank=pc.linear_rank, alpha=pc.alpha, device=device)
-    teachers = load_teachers(run, device)
+    teachers = load_teachers(inputs.run, device)
     teacher_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     params = projector.lora_parameters()
     net = distributed.data_parallel(projector, device, frozen_backbone=True)  # only the LoRA tensors train: their gradients are averaged
@@ -66,53 +69,55 @@ def train_projector(cfg, data, run, device, fingerprint: str) -> dict:
     steps_per_epoch = max(1, -(-len(train_set) // pc.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=pc.epochs * steps_per_epoch)
     summary = {"top1": {}}
-    with run.stage(STAGE, fingerprint, summary, collective=True) as out:
-        ckpt = StageCheckpoint(out, "projector", cfg.checkpoint_every)
-        first = 1
-        state = ckpt.load()
-        if state is not None:
-            projector.load_lora_state_dict(state["lora"])
-            first = ckpt.resume(state, opt, sched, summary)
-        else:
-            summary["zero_shot_top1"] = projector_top1(projector, val_set, cfg, device)
-            log(f"projector: zero-shot val top-1 {summary['zero_shot_top1']:.1f}%")
-        guard = FiniteGuard()
-        tlog = TrainingLog.for_stage(cfg, run.root, STAGE, first_epoch=first)
-        for epoch in progress(range(first, pc.epochs + 1), desc="projector", unit="epoch"):
-            projector.train()
-            tlog.begin_epoch()
-            bar = progress(batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True,
-                                   seed=cfg.seed + 1, epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip,
-                                   num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                                   sharded=True),
-                           desc=f"epoch {epoch}", unit="batch", disable_below=20)
-            for images, labels, _ in bar:
-                images, labels = images.to(device), labels.to(device)
-                target = mean_teacher_logits(teachers, teacher_norm(images))
-                logits = net(projector.normalize(images))
-                loss = F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
-                loss = loss * distributed.loss_weight(labels.numel(), device)
-                guard.add(loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
-                sched.step()
-            tlog.trained(device)
-            guard.check("projector", epoch, "projector.lr", out)
-            acc = projector_top1(projector, val_set, cfg, device)
-            summary["top1"][str(epoch)] = acc
-            log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {loss.item():.4f})")
-            tlog.end_epoch(epoch, val_top1=acc)
-            ckpt.save({"lora": projector.lora_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "summary": summary}, epoch, pc.epochs)
-        tlog.close()
-        meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
-                                 head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha,
-                                 dtype=pc.artifact_dtype)
-        summary["lora_parameters"] = sum(p.numel() for p in params)
-        if distributed.world().main:
-            nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)
-            summary["artifact_bytes"] = nbytes
-            log(f"projector: label artifact {nbytes:,} bytes ({summary['lora_parameters']:,} LoRA parameters)")
+    ckpt = StageCheckpoint(out, "projector", cfg.checkpoint_every)
+    first = 1
+    state = ckpt.load()
+    if state is not None:
+        projector.load_lora_state_dict(state["lora"])
+        first = ckpt.resume(state, opt, sched, summary)
+    else:
+        summary["zero_shot_top1"] = projector_top1(projector, val_set, cfg, device)
+        log(f"projector: zero-shot val top-1 {summary['zero_shot_top1']:.1f}%")
+    guard = FiniteGuard()
+    tlog = TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first)
+    for epoch in progress(range(first, pc.epochs + 1), desc="projector", unit="epoch"):
+        projector.train()
+        tlog.begin_epoch()
+        bar = progress(batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True,
+                               seed=cfg.seed + 1, epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip,
+                               num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
+                               sharded=True),
+                       desc=f"epoch {epoch}", unit="batch", disable_below=20)
+        for images, labels, _ in bar:
+            images, labels = images.to(device), labels.to(device)
+            target = mean_teacher_logits(teachers, teacher_norm(images))
+            logits = net(projector.normalize(images))
+            loss = F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
+            loss = loss * distributed.loss_weight(labels.numel(), device)
+            guard.add(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
+            sched.step()
+        tlog.trained(device)
+        guard.check("projector", epoch, "projector.lr", out)
+        acc = projector_top1(projector, val_set, cfg, device)
+        summary["top1"][str(epoch)] = acc
+        log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {loss.item():.4f})")
+        tlog.end_epoch(epoch, val_top1=acc)
+        ckpt.save({"lora": projector.lora_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                   "summary": summary}, epoch, pc.epochs)
+    tlog.close()
+    meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
+                             head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha,
+                             dtype=pc.artifact_dtype)
+    summary["lora_parameters"] = sum(p.numel() for p in params)
+    if distributed.world().main:
+        nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)
+        summary["artifact_bytes"] = nbytes
+        log(f"projector: label artifact {nbytes:,} bytes ({summary['lora_parameters']:,} LoRA parameters)")
     return summary
+
+
+STAGE = Stage(NAME, options=("data", "clip", "projector"), run=train_projector, reads=lambda cfg, unit: ("teachers",))

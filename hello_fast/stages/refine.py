@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from hello_fast._progress import log, progress
 from hello_fast.data.distilled import load_distilled, save_distilled
 from hello_fast.projector.artifact import load_projector
+from hello_fast.stages.contract import Stage, StageInputs
+from hello_fast.stages.projector import artifact_path
 
-STAGE = "refine"
+NAME = "refine"
+SELECT = "select"  # the stage whose images it refines
 _PSNR_IDENTICAL = 100.0  # dB reported for an unchanged image (its MSE is 0)
 
 
@@ -107,38 +110,45 @@ def refine_batch(projector, images_uint8: torch.Tensor, labels: torch.Tensor, rc
     return out, stats
 
 
-def refine_images(cfg, run, device, fingerprint: str, source_dir: str, artifact: str) -> dict:
+def refine_images(inputs: StageInputs, out: str) -> dict:
+    """Refine the selected images within the projector (Eq. 7, bounded) and write them into `out`."""
+    cfg, device = inputs.cfg, inputs.device
     rc = cfg.refine
-    distilled = load_distilled(source_dir)
-    projector, _ = load_projector(artifact, device=device)
+    distilled = load_distilled(inputs.run.path(SELECT))
+    projector, _ = load_projector(artifact_path(inputs.run), device=device)
     projector.eval()
     summary = {"steps": rc.steps, "max_delta": rc.max_delta, "fidelity": rc.fidelity, "keep_better": rc.keep_better,
                "loss_first": None, "loss_last": None}
     refined, per = [], {"ce_before": [], "ce_after": [], "kept": [], "psnr": [], "mse": []}
     first = last = 0.0
-    with run.stage(STAGE, fingerprint, summary) as out:
-        for chunk in progress(list(torch.split(torch.arange(len(distilled)), rc.batch_size)), desc="refine", unit="batch"):
-            images = distilled.images[chunk].to(device)
-            labels = distilled.labels[chunk].to(device)
-            batch, stats = refine_batch(projector, images, labels, rc)
-            refined.append(batch.cpu())
-            for k in per:
-                per[k].append(stats[k].cpu())
-            if stats["loss_first"] is not None:
-                first += stats["loss_first"] * len(chunk)
-                last += stats["loss_last"] * len(chunk)
-        n = len(distilled)
-        ps, mse = torch.cat(per["psnr"]), torch.cat(per["mse"])
-        summary.update({
-            "loss_first": first / n if rc.steps else None, "loss_last": last / n if rc.steps else None,
-            "projector_ce_before": float(torch.cat(per["ce_before"]).mean()),
-            "projector_ce_after": float(torch.cat(per["ce_after"]).mean()),
-            "refined_kept": int(torch.cat(per["kept"]).sum()), "images": n,
-            "psnr": float(_psnr_of_mse(mse.mean())), "psnr_min": float(ps.min()), "psnr_floor": psnr_floor(rc.max_delta),
-        })
-        save_distilled(out, torch.cat(refined), distilled.labels, distilled.class_names, {"method": "refined"})
-        eq7 = f"Eq. 7 loss {summary['loss_first']:.5f} -> {summary['loss_last']:.5f} over {rc.steps} steps; " if rc.steps else ""
-        log(f"refine: {eq7}kept {summary['refined_kept']}/{n} refined images (projector CE {summary['projector_ce_before']:.4f} "
-            f"-> {summary['projector_ce_after']:.4f}); PSNR vs selected {summary['psnr']:.1f} dB (set), worst image "
-            f"{summary['psnr_min']:.1f} dB (bound {summary['psnr_floor']:.1f} dB)")
+    for chunk in progress(list(torch.split(torch.arange(len(distilled)), rc.batch_size)), desc="refine", unit="batch"):
+        images = distilled.images[chunk].to(device)
+        labels = distilled.labels[chunk].to(device)
+        batch, stats = refine_batch(projector, images, labels, rc)
+        refined.append(batch.cpu())
+        for k in per:
+            per[k].append(stats[k].cpu())
+        if stats["loss_first"] is not None:
+            first += stats["loss_first"] * len(chunk)
+            last += stats["loss_last"] * len(chunk)
+    n = len(distilled)
+    ps, mse = torch.cat(per["psnr"]), torch.cat(per["mse"])
+    summary.update({
+        "loss_first": first / n if rc.steps else None, "loss_last": last / n if rc.steps else None,
+        "projector_ce_before": float(torch.cat(per["ce_before"]).mean()),
+        "projector_ce_after": float(torch.cat(per["ce_after"]).mean()),
+        "refined_kept": int(torch.cat(per["kept"]).sum()), "images": n,
+        "psnr": float(_psnr_of_mse(mse.mean())), "psnr_min": float(ps.min()), "psnr_floor": psnr_floor(rc.max_delta),
+    })
+    save_distilled(out, torch.cat(refined), distilled.labels, distilled.class_names, {"method": "refined"})
+    eq7 = f"Eq. 7 loss {summary['loss_first']:.5f} -> {summary['loss_last']:.5f} over {rc.steps} steps; " if rc.steps else ""
+    log(f"refine: {eq7}kept {summary['refined_kept']}/{n} refined images (projector CE {summary['projector_ce_before']:.4f} "
+        f"-> {summary['projector_ce_after']:.4f}); PSNR vs selected {summary['psnr']:.1f} dB (set), worst image "
+        f"{summary['psnr_min']:.1f} dB (bound {summary['psnr_floor']:.1f} dB)")
     return summary
+
+
+STAGE = Stage(NAME, options=("refine",), run=refine_images, reads=lambda cfg, unit: (SELECT, "projector"), collective=False,
+              reads_data=False,  # it reads the distilled images, not the original set
+              enabled=lambda cfg: cfg.refine.enabled,
+              disabled_note="disabled in this config (refine.enabled: false), the selected images are used as they are")

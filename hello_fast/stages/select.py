@@ -23,18 +23,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from hello_fast._io import read_state_dict
+from hello_fast._io import file_sha256, read_state_dict
 from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, load_network
+from hello_fast.config import is_checkpoint_path
 from hello_fast.data.distilled import save_distilled
 from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
 from hello_fast.errors import HelloError
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
 from hello_fast.projector.artifact import load_projector
+from hello_fast.stages.contract import Stage, StageInputs
 from hello_fast.stages.projector import artifact_path
 from hello_fast.stages.teachers import observer_path
 
-STAGE = "select"
+NAME = "select"
 
 
 class _Crops(Dataset):
@@ -219,18 +221,35 @@ def random_select(cfg, train_set) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return torch.stack(images), torch.tensor(labels), {}
 
 
-def select_images(cfg, data, run, device, fingerprint: str, observer: Observer | None) -> dict:
-    """Run the selection and write the distilled set into RUN/select. Returns the stage summary."""
-    train_set, _ = data
+def select_images(inputs: StageInputs, out: str) -> dict:
+    """Run the selection and write the distilled set into `out`. Returns the stage summary."""
+    cfg = inputs.cfg
+    train_set, _ = inputs.data()
     summary = {"method": cfg.select.method}
-    with run.stage(STAGE, fingerprint, summary) as out:
-        if cfg.select.method == "rded":
-            images, labels, stats = rded_select(cfg, train_set, observer, device)
-        else:
-            images, labels, stats = random_select(cfg, train_set)
-        summary.update(stats)
-        summary["images"] = int(labels.numel())
-        save_distilled(out, images, labels, train_set.class_names,
-                       {"method": cfg.select.method, "ipc": cfg.select.ipc, "factor": cfg.select.factor})
-        log(f"select: {labels.numel()} distilled images ({cfg.select.method}, ipc {cfg.select.ipc})")
+    if cfg.select.method == "rded":
+        observer = make_observer(cfg, inputs.run, inputs.device, train_set.num_classes)
+        images, labels, stats = rded_select(cfg, train_set, observer, inputs.device)
+    else:
+        images, labels, stats = random_select(cfg, train_set)
+    summary.update(stats)
+    summary["images"] = int(labels.numel())
+    save_distilled(out, images, labels, train_set.class_names,
+                   {"method": cfg.select.method, "ipc": cfg.select.ipc, "factor": cfg.select.factor})
+    log(f"select: {labels.numel()} distilled images ({cfg.select.method}, ipc {cfg.select.ipc})")
     return summary
+
+
+def _reads(cfg, unit) -> tuple[str, ...]:
+    """The observer's stage: none for random selection or a checkpoint file."""
+    if cfg.select.method == "random" or is_checkpoint_path(cfg.select.observer):
+        return ()
+    return ("projector",) if cfg.select.observer == "projector" else ("teachers",)
+
+
+def _identity(cfg, unit) -> tuple[str, ...]:
+    if cfg.select.method == "rded" and is_checkpoint_path(cfg.select.observer):
+        return (file_sha256(cfg.select.observer, "observer checkpoint (select.observer names a file)"),)
+    return ()
+
+
+STAGE = Stage(NAME, options=("data", "select"), run=select_images, reads=_reads, identity=_identity, collective=False)

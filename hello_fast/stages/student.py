@@ -25,14 +25,14 @@ import time
 
 import torch
 
-from hello_fast import distributed
+from hello_fast import distributed, labels
 from hello_fast._io import write_json
 from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, save_model
 from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
 from hello_fast.data.dali import DaliDistilledSet
+from hello_fast.data.distilled import load_distilled
 from hello_fast.data.loader import batches
-from hello_fast.data.resident import ResidentSet
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import (
     IMAGENET_MEAN,
@@ -43,40 +43,17 @@ from hello_fast.models.students import (
     top1,
 )
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
+from hello_fast.projector.artifact import read_artifact
+from hello_fast.stages.contract import Stage, StageInputs
+from hello_fast.stages.schedule import resident_set, schedule_of, shuffle_factor, views_for
 
-STAGE = "student"
+NAME = "student"
 
 
 def _lr_factor(schedule: str, step: int, total: int, epoch: int, epochs: int) -> float:
     if schedule == "rded":  # RDED's 0.5 * (1 + cos(pi * e / 2E)): falls only to half
         return 0.5 * (1 + math.cos(math.pi * epoch / (2 * epochs)))
     return 0.5 * (1 + math.cos(math.pi * step / total))
-
-
-def schedule_of(cfg, num_images: int) -> dict:
-    """What stored labels depend on: replay is only valid for exactly this schedule."""
-    sc = cfg.student
-    return {"seed": cfg.seed, "epochs": sc.epochs, "batch_size": sc.batch_size, "images": num_images,
-            "out_size": cfg.data.image_size, "scale": list(sc.scale), "flip": cfg.data.flip, "mix": sc.mix,
-            "mix_alpha": sc.mix_alpha, "ranks": distributed.world().size, "shuffle_factor": shuffle_factor(cfg)}
-
-
-def shuffle_factor(cfg) -> int:
-    """The ShufflePatches factor of the student's augmentation: select.factor with student.shuffle_patches, else 1 (none)."""
-    return cfg.select.factor if cfg.student.shuffle_patches else 1
-
-
-def views_for(source, device, fast: bool):
-    """The views each step needs: the student's (also the teachers'), and CLIP's for the projector."""
-    student_dtype = torch.bfloat16 if (fast and device.type == "cuda") else torch.float32
-    views = [(IMAGENET_MEAN, IMAGENET_STD, student_dtype)]
-    if source.needs_clip_view:
-        views.append((source.mean, source.std, source.dtype))
-    return views
-
-
-def resident_set(cfg, distilled, device) -> ResidentSet:
-    return ResidentSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4, shuffle_factor=shuffle_factor(cfg))
 
 
 def training_set(cfg, distilled, device, source, views):
@@ -194,7 +171,7 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         set_rng_state(state["rng"])
         first = state["epoch"] + 1
     guard = FiniteGuard()
-    tlog = TrainingLog.for_stage(cfg, log_root, f"{STAGE}/{source.name}", first_epoch=first)
+    tlog = TrainingLog.for_stage(cfg, log_root, f"{NAME}/{source.name}", first_epoch=first)
     bar = progress(range(first, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
     for epoch in bar:
         net.train()
@@ -257,3 +234,39 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         log(f"student ({source.name}): top-1 last {result['top1_last']:.1f}%, best {result['top1_best']:.1f}% "
             f"({result['train_img_per_s']:.0f} img/s)")
     return result
+
+
+def distilled_stage(cfg) -> str:
+    """The stage whose images the students train on: refine when it is on, else select."""
+    return "refine" if cfg.refine.enabled else "select"
+
+
+def train_student_stage(inputs: StageInputs, out: str) -> dict:
+    """One student (the unit's label source) on the finished distilled set; its files in `out`."""
+    cfg = inputs.cfg
+    distilled = load_distilled(inputs.run.path(distilled_stage(cfg)))
+    train_set, val_set = inputs.data()
+    labeler = labels.label_source(inputs.unit, cfg, inputs.run, distilled, out, inputs.device, train_set)
+    return train_student(cfg, distilled, val_set, labeler, inputs.device, out, log_root=inputs.run.root)
+
+
+def _reads(cfg, source) -> tuple[str, ...]:
+    reads = [distilled_stage(cfg)]
+    if source in ("teacher", "stored"):
+        reads.append("teachers")
+    if source == "projector" and not cfg.student.artifact:
+        reads.append("projector")
+    return tuple(reads)
+
+
+def _identity(cfg, source) -> tuple[str, ...]:
+    """A student.artifact file enters by its tensors' hash and the backbone weights it is paired with."""
+    if source == "projector" and cfg.student.artifact:
+        _, meta = read_artifact(cfg.student.artifact)
+        return (meta["tensors_sha256"], cfg.student.artifact_weights or "")
+    return ()
+
+
+# One student (one label source) does not read the list of sources, nor another source's artifact.
+STAGE = Stage(NAME, options=("data", "student", "-student.label_sources", "-student.artifact", "-student.artifact_weights"),
+              run=train_student_stage, reads=_reads, identity=_identity, units=lambda cfg: tuple(cfg.student.label_sources))

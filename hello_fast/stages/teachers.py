@@ -20,21 +20,23 @@ from hello_fast.data.loader import batches
 from hello_fast.errors import HelloError
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
+from hello_fast.stages.contract import Stage, StageInputs
 
-STAGE = "teachers"
+NAME = "teachers"
 
 
 def teacher_path(stage_dir: str, epoch: int) -> str:
     return os.path.join(stage_dir, f"epoch_{epoch:03d}.safetensors")
 
 
-def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
-    """Train the teacher run and keep the weak-teacher checkpoints. Returns the stage summary.
+def train_teachers(inputs: StageInputs, out: str) -> dict:
+    """Train the teacher run and keep the weak-teacher checkpoints in `out`. Returns the stage summary.
 
     Data-parallel under torchrun; resumes from the last epoch checkpoint of an interrupted run.
     """
+    cfg, device = inputs.cfg, inputs.device
     tc = cfg.teachers
-    train_set, val_set = data
+    train_set, val_set = inputs.data()
     keep = sorted(set(tc.keep_epochs))
     last = last_epoch(cfg)
     main = distributed.world().main
@@ -46,60 +48,59 @@ def train_teachers(cfg, data, run, device, fingerprint: str) -> dict:
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.lr_step, gamma=0.1)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     summary = {"checkpoints": [], "top1": {}, "bytes": {}}
-    with run.stage(STAGE, fingerprint, summary, collective=True) as out:
-        ckpt = StageCheckpoint(out, "teachers", cfg.checkpoint_every)
-        first = 1
-        state = ckpt.load()
-        if state is not None:
-            model.load_state_dict(state["model"])
-            first = ckpt.resume(state, opt, sched, summary)
-        guard = FiniteGuard()
-        tlog = TrainingLog.for_stage(cfg, run.root, STAGE, first_epoch=first)
-        for epoch in progress(range(first, last + 1), desc="teachers", unit="epoch"):
-            net.train()
-            tlog.begin_epoch()
-            acc = None
-            for images, labels, _ in progress(
-                batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
-                        epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                        loader=cfg.data.loader, device=device, sharded=True),
-                desc=f"epoch {epoch}", unit="batch", disable_below=20,
-            ):
-                images, labels = images.to(device), labels.to(device)
-                loss = F.cross_entropy(net(norm(images)), labels) * distributed.loss_weight(labels.numel(), device)
-                guard.add(loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
-            tlog.trained(device)
-            guard.check("teachers", epoch, "teachers.lr", out)
-            sched.step()
-            if epoch in keep or (epoch == last and trains_full(cfg)):
-                val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
-                              num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                              eval_resize=cfg.data.eval_resize)
-                acc = top1(net, val, device, norm)
-                meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
-                        "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
-                        "class_names": train_set.class_names}
-                path = teacher_path(out, epoch)
-                if main:
-                    nbytes = save_model(path, model, meta)
-                    if epoch in keep:
-                        summary["bytes"][str(epoch)] = nbytes
-                    log(f"teachers: epoch {epoch} kept as a {'weak teacher' if epoch in keep else 'full observer'} "
-                        f"(val top-1 {acc:.1f}%)")
+    ckpt = StageCheckpoint(out, "teachers", cfg.checkpoint_every)
+    first = 1
+    state = ckpt.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        first = ckpt.resume(state, opt, sched, summary)
+    guard = FiniteGuard()
+    tlog = TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first)
+    for epoch in progress(range(first, last + 1), desc="teachers", unit="epoch"):
+        net.train()
+        tlog.begin_epoch()
+        acc = None
+        for images, labels, _ in progress(
+            batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
+                    epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
+                    loader=cfg.data.loader, device=device, sharded=True),
+            desc=f"epoch {epoch}", unit="batch", disable_below=20,
+        ):
+            images, labels = images.to(device), labels.to(device)
+            loss = F.cross_entropy(net(norm(images)), labels) * distributed.loss_weight(labels.numel(), device)
+            guard.add(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
+        tlog.trained(device)
+        guard.check("teachers", epoch, "teachers.lr", out)
+        sched.step()
+        if epoch in keep or (epoch == last and trains_full(cfg)):
+            val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
+                          num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
+                          eval_resize=cfg.data.eval_resize)
+            acc = top1(net, val, device, norm)
+            meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
+                    "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
+                    "class_names": train_set.class_names}
+            path = teacher_path(out, epoch)
+            if main:
+                nbytes = save_model(path, model, meta)
                 if epoch in keep:
-                    summary["checkpoints"].append(os.path.basename(path))
-                    summary["top1"][str(epoch)] = acc
-                if epoch == last and trains_full(cfg):
-                    summary["observer"] = os.path.basename(path)
-                    summary["observer_top1"] = acc
-            tlog.end_epoch(epoch, val_top1=acc)
-            ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "summary": summary}, epoch, last)
-        tlog.close()
+                    summary["bytes"][str(epoch)] = nbytes
+                log(f"teachers: epoch {epoch} kept as a {'weak teacher' if epoch in keep else 'full observer'} "
+                    f"(val top-1 {acc:.1f}%)")
+            if epoch in keep:
+                summary["checkpoints"].append(os.path.basename(path))
+                summary["top1"][str(epoch)] = acc
+            if epoch == last and trains_full(cfg):
+                summary["observer"] = os.path.basename(path)
+                summary["observer_top1"] = acc
+        tlog.end_epoch(epoch, val_top1=acc)
+        ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                   "summary": summary}, epoch, last)
+    tlog.close()
     return summary
 
 
@@ -121,19 +122,19 @@ def last_epoch(cfg) -> int:
 
 def load_teachers(run, device) -> list[torch.nn.Module]:
     """Every weak teacher of a finished teachers stage, in epoch order, in eval mode."""
-    done = run.done(STAGE)
-    return [load_network(run.path(STAGE, name), device)[0] for name in done["summary"]["checkpoints"]]
+    done = run.done(NAME)
+    return [load_network(run.path(NAME, name), device)[0] for name in done["summary"]["checkpoints"]]
 
 
 def observer_path(run, full: bool = False) -> str:
     """The RDED observer: the last (strongest) weak teacher, or with `full` the fully trained network."""
-    summary = run.done(STAGE)["summary"]
+    summary = run.done(NAME)["summary"]
     if full:
         if "observer" not in summary:
             raise HelloError(f"the teachers stage in {run.root} kept no fully trained network (select.observer was not "
                              f"full when it ran): rerun `hello-fast teachers --out {run.root}`")
-        return run.path(STAGE, summary["observer"])
-    return run.path(STAGE, summary["checkpoints"][-1])
+        return run.path(NAME, summary["observer"])
+    return run.path(NAME, summary["checkpoints"][-1])
 
 
 @torch.no_grad()
@@ -143,3 +144,10 @@ def mean_teacher_logits(teachers, x: torch.Tensor) -> torch.Tensor:
     for t in teachers[1:]:
         out += t(x).float()
     return out / len(teachers)
+
+
+def _identity(cfg, unit) -> tuple[str, ...]:
+    return ("full observer",) if trains_full(cfg) else ()  # the run then goes on to teachers.epochs
+
+
+STAGE = Stage(NAME, options=("data", "teachers"), run=train_teachers, identity=_identity)
