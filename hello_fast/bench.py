@@ -222,7 +222,7 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
     try:
         return _time_steps(step, steps, s.device, warmup=3)
     finally:
-        del it, loader
+        it = loader = None  # drops the iterator and the DataLoader: its workers shut down
 
 
 def run(args) -> dict:

@@ -15,13 +15,19 @@ import pytest
 import torch
 from open_clip.model import convert_weights_to_lp
 from open_clip.transformer import QuickGELU
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hello_fast.errors import HelloError
 from hello_fast.models import clip as clip_mod
 from hello_fast.models._torchscript import read_torchscript_state_dict
 from hello_fast.models.clip import load_clip
-from hello_fast.projector.artifact import artifact_metadata, load_projector, read_artifact, save_artifact
+from hello_fast.projector.artifact import (
+    artifact_metadata,
+    load_projector,
+    read_artifact,
+    save_artifact,
+)
 from hello_fast.projector.head import text_head_weight
 from hello_fast.projector.model import build_projector
 
@@ -245,11 +251,8 @@ def test_format_1_artifacts_still_load(tmp_path):
     path = tmp_path / "v2.safetensors"
     _tiny_artifact(path, "gelu")
     tensors = load_file(str(path))
-    with open(path, "rb") as f:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as g:
-            meta = json.loads(g.metadata()[META_KEY])
+    with safe_open(str(path), "pt") as g:
+        meta = json.loads(g.metadata()[META_KEY])
     meta["format_version"] = 1
     for key in ("activation", "arch_sha256"):
         del meta["backbone"][key]

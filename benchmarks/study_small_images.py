@@ -1,0 +1,106 @@
+"""What small images cost the student: selection and student settings compared over several student seeds.
+
+Takes a run whose teachers and projector are finished; for each variant (a name and config
+overrides) it redoes selection and refinement in its own copy of the run, then trains one
+student per (label source, student seed). The student seed changes only the student's init and
+its augmentation stream, so the spread between seeds is the noise that a single run hides.
+Results: small_images_<config>.json/.csv (every student, and mean and spread per variant and source).
+
+    python benchmarks/study_small_images.py --run runs/digits --seeds 0 1 2 \\
+        --variant base --variant crop50 select.crop_scale=[0.5,1.0] --variant tile1 select.factor=1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import RESULTS_DIR, write  # noqa: E402
+
+from hello_fast.config import load_config  # noqa: E402
+from hello_fast.data.distilled import load_distilled  # noqa: E402
+from hello_fast.labels import label_source  # noqa: E402
+from hello_fast.pipeline import Pipeline  # noqa: E402
+from hello_fast.stages.student import distilled_stage, train_student  # noqa: E402
+
+
+def run_variant(base_run: str, work: str, name: str, overrides: list[str], sources, seeds, eval_every: int) -> list[dict]:
+    folder = os.path.join(work, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    for stage in ("teachers", "projector"):
+        shutil.copytree(os.path.join(base_run, stage), os.path.join(folder, stage))
+    cfg = load_config(os.path.join(base_run, "config.yaml"), list(overrides) + [f"student.eval_every={eval_every}"])
+    pipe = Pipeline(cfg, folder, device="cpu")
+    for stage in ("teachers", "projector"):  # copied, not retrained: the variant may change only what follows them
+        if not pipe.run.is_current(stage, pipe.fingerprint(stage)):
+            raise SystemExit(f"variant {name}: {overrides} changes the {stage} stage; vary select, refine or student only")
+    select = pipe.select()
+    pipe.refine()
+    distilled = load_distilled(pipe.run.path(distilled_stage(cfg)))
+    train_set, val_set = pipe.data()
+    rows = []
+    for source in sources:
+        for seed in seeds:
+            c = copy.deepcopy(cfg)
+            c.seed = seed
+            out = tempfile.mkdtemp(dir=folder)
+            labeler = label_source(source, c, pipe.run, distilled, out, "cpu", train_set)
+            start = time.perf_counter()
+            r = train_student(c, distilled, val_set, labeler, torch.device("cpu"), out)
+            rows.append({"variant": name, "overrides": " ".join(overrides), "source": source, "seed": seed,
+                         "top1_last": round(r["top1_last"], 2), "top1_best": round(r["top1_best"], 2),
+                         "mean_selected_ce": round(select.get("mean_selected_ce", float("nan")), 4),
+                         "seconds": round(time.perf_counter() - start, 1)})
+            print(f"{name} {source} seed {seed}: top-1 last {r['top1_last']:.1f}%, best {r['top1_best']:.1f}%", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for key in dict.fromkeys((r["variant"], r["source"]) for r in rows):
+        mine = [r for r in rows if (r["variant"], r["source"]) == key]
+        last = [r["top1_last"] for r in mine]
+        out.append({"variant": key[0], "source": key[1], "overrides": mine[0]["overrides"], "seeds": len(mine),
+                    "top1_last_mean": round(statistics.mean(last), 2),
+                    "top1_last_sd": round(statistics.stdev(last), 2) if len(last) > 1 else None,
+                    "top1_best_mean": round(statistics.mean(r["top1_best"] for r in mine), 2)})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run directory with finished teachers and projector stages")
+    p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
+                   help="a variant: its name, then config overrides (repeatable)")
+    p.add_argument("--sources", nargs="+", default=["hard", "projector"], help="label sources")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    p.add_argument("--eval-every", type=int, default=10, help="student epochs between evaluations (the last always)")
+    p.add_argument("--work", default=None, help="where the variants' run copies go (default: a temporary folder)")
+    p.add_argument("--out", default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    name = load_config(os.path.join(args.run, "config.yaml")).name
+    work = args.work or tempfile.mkdtemp(prefix="small_images_")
+    rows = []
+    for variant in args.variant:
+        rows += run_variant(args.run, work, variant[0], variant[1:], args.sources, args.seeds, args.eval_every)
+    summary = summarise(rows)
+    write(f"small_images_{name}", rows, {"run": os.path.abspath(args.run), "seeds": args.seeds, "summary": summary},
+          args.out)
+    for s in summary:
+        sd = f" ± {s['top1_last_sd']:.1f}" if s["top1_last_sd"] is not None else ""
+        print(f"{s['variant']:>12} {s['source']:>9}: top-1 last {s['top1_last_mean']:.1f}{sd} (best {s['top1_best_mean']:.1f}) "
+              f"[{s['overrides'] or 'the config as it is'}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
