@@ -36,13 +36,14 @@ DTYPES = ("fp32", "fp16", "int8")
 
 
 @torch.no_grad()
-def label_drift(cfg, distilled, sources: dict, batches: int = 8) -> dict:
-    """Each dtype's labels against fp32's on the same augmented batches: max |logit diff|, argmax agreement (%)."""
+def label_drift(cfg, distilled, sources: dict, epochs: int = 10) -> dict:
+    """Each dtype's labels against fp32's on the same augmented batches (`epochs` of the student's schedule):
+    the largest |logit difference| and the share of argmax agreement (%)."""
     res = resident_set(cfg, distilled, "cpu")
     views = views_for(sources["fp32"], torch.device("cpu"), True)
     out = {d: {"max_abs_logit_diff": 0.0, "agree": 0, "n": 0} for d in DTYPES}
     sc = cfg.student
-    for index in res.epoch_order(sc.batch_size)[:batches]:
+    for index in [i for _ in range(epochs) for i in res.epoch_order(sc.batch_size)]:
         params = res.draw(index, out_size=cfg.data.image_size, scale=sc.scale, flip=cfg.data.flip, mix=sc.mix,
                           alpha=sc.mix_alpha)
         batch = res.make(index, params, out_size=cfg.data.image_size, mix=sc.mix, views=views)
@@ -59,7 +60,7 @@ def label_drift(cfg, distilled, sources: dict, batches: int = 8) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a finished run directory (select/refine and projector done)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="student seeds (none: only the labels' drift)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (default: the run's config)")
     p.add_argument("--out", default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -93,17 +94,18 @@ def main(argv=None) -> int:
     summary = {}
     for d in DTYPES:
         mine = [r for r in rows if r["dtype"] == d]
-        summary[d] = {"artifact_bytes": mine[0]["artifact_bytes"], **drift[d]}
-        for k in ("top1_last", "top1_best"):
+        summary[d] = {"artifact_bytes": os.path.getsize(paths[d]), **drift[d]}
+        for k in ("top1_last", "top1_best") if mine else ():
             summary[d][f"{k}_mean"] = round(statistics.mean(r[k] for r in mine), 2)
             ref = {r["seed"]: r[k] for r in rows if r["dtype"] == "fp32"}
             summary[d][f"{k}_mean_diff_vs_fp32"] = round(statistics.mean(r[k] - ref[r["seed"]] for r in mine), 2)
     write(f"artifact_dtype_{base.name}", rows, {"run": os.path.abspath(args.run), "seeds": args.seeds,
                                                  "student_epochs": base.student.epochs, "summary": summary}, args.out)
     for d, s in summary.items():
-        print(f"{d}: {s['artifact_bytes']:,} B; top-1 last {s['top1_last_mean']:.2f} ({s['top1_last_mean_diff_vs_fp32']:+.2f} "
-              f"vs fp32), best {s['top1_best_mean']:.2f} ({s['top1_best_mean_diff_vs_fp32']:+.2f}); labels: max |diff| "
-              f"{s['max_abs_logit_diff']:.4f}, argmax agree {s['argmax_agree_pct']:.1f}%")
+        students = (f"top-1 last {s['top1_last_mean']:.2f} ({s['top1_last_mean_diff_vs_fp32']:+.2f} vs fp32), best "
+                    f"{s['top1_best_mean']:.2f} ({s['top1_best_mean_diff_vs_fp32']:+.2f}); " if rows else "")
+        print(f"{d}: {s['artifact_bytes']:,} B; {students}labels: max |diff| {s['max_abs_logit_diff']:.4f}, "
+              f"argmax agree {s['argmax_agree_pct']:.1f}%")
     return 0
 
 

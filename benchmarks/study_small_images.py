@@ -92,9 +92,9 @@ def main(argv=None) -> int:
     rows = []
     for variant in args.variant:
         rows += run_variant(args.run, work, variant[0], variant[1:], args.sources, args.seeds, args.eval_every)
-    summary = summarise(rows)
-    write(f"small_images_{name}", rows, {"run": os.path.abspath(args.run), "seeds": args.seeds, "summary": summary},
-          args.out)
+        summary = summarise(rows)  # written after every variant: an interrupted study keeps what it measured
+        write(f"small_images_{name}", rows, {"run": os.path.abspath(args.run), "seeds": args.seeds, "summary": summary},
+              args.out)
     for s in summary:
         sd = f" ± {s['top1_last_sd']:.1f}" if s["top1_last_sd"] is not None else ""
         print(f"{s['variant']:>12} {s['source']:>9}: top-1 last {s['top1_last_mean']:.1f}{sd} (best {s['top1_best_mean']:.1f}) "

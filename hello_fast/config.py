@@ -194,7 +194,8 @@ class StudentConfig:
 @dataclass
 class Config:
     name: str = opt("digits", "the run's name (default run directory runs/<name>)", neutral=True)
-    seed: int = opt(0, "the random seed (same seed, same result)")
+    seed: int = opt(0, "the random seed (same seed, same result on the same machine and thread count: the CPU "
+                       "thread count changes the order of float sums)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to compute", neutral=True)
     checkpoint_every: int = opt(1, "epochs between resume checkpoints of the training stages (0: none)", min=0,
                                 neutral=True)

@@ -21,6 +21,8 @@ TINY = [
     "data.num_classes=3", "data.train_scale=[0.5,1.0]",
     "clip.templates=simple",
     "teachers.width=8", "teachers.keep_epochs=[1,2]", "teachers.batch_size=16", "teachers.lr=0.05",
+    # RDED's own tiling and crop scale (the digits preset takes whole images): the tiny runs exercise the tiles
+    "select.factor=2", "select.crop_scale=[0.08,1.0]",
     "select.ipc=2", "select.candidates_per_class=6", "select.crops_per_image=2", "select.batch_size=32",
     "projector.conv_rank=2", "projector.head_rank=3", "projector.epochs=1", "projector.batch_size=16",
     "refine.enabled=true", "refine.steps=2", "refine.batch_size=8",

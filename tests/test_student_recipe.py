@@ -13,6 +13,7 @@ from hello_fast.labels import HardLabels
 from hello_fast.models.students import ARCHS, RDED_LR, build_model, decay_groups, learning_rate
 from hello_fast.ops import augment_mix_reference
 from hello_fast.ops.augment_mix import shuffle_patches
+from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
 PAPER_PRESETS = {"imagenet1k-ipc1": 20, "imagenet1k-ipc10": 100, "imagenet1k-ipc50": 200, "imagenet100-ipc10": 100,
@@ -103,11 +104,11 @@ def test_rded_schedule_falls_to_half():
 def test_the_loop_draws_shuffle_patches_per_image_and_both_loops_apply_it(rng):
     distilled, _ = _sets(size=30)  # 30 px: a factor of 4 leaves a remainder
     cfg = tiny_config("student.shuffle_patches=true", "select.factor=4", "student.batch_size=5")
-    assert st.shuffle_factor(cfg) == 4 and st.schedule_of(cfg, len(distilled))["shuffle_factor"] == 4
+    assert schedule.shuffle_factor(cfg) == 4 and schedule.schedule_of(cfg, len(distilled))["shuffle_factor"] == 4
     views = [((0.0,) * 3, (1 / 255,) * 3, torch.float32)]
     got = {}
     for loop in ("fast", "plain"):
-        res = st.resident_set(cfg, distilled, "cpu")
+        res = schedule.resident_set(cfg, distilled, "cpu")
         index = res.epoch_order(5)[0]
         p = res.draw(index, out_size=30, scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0)
         assert p["shuffle"].shape == (5, 2, 4)
@@ -120,7 +121,7 @@ def test_the_loop_draws_shuffle_patches_per_image_and_both_loops_apply_it(rng):
         got[loop] = batch.views[0]
     assert torch.allclose(got["fast"], got["plain"], atol=2e-3)  # the same stream drawn both ways
     off = tiny_config("select.factor=4")
-    assert "shuffle" not in st.resident_set(off, distilled, "cpu").draw(index, out_size=30, scale=(0.5, 1.0), flip=True,
+    assert "shuffle" not in schedule.resident_set(off, distilled, "cpu").draw(index, out_size=30, scale=(0.5, 1.0), flip=True,
                                                                          mix="cutmix", alpha=1.0)
 
 
@@ -159,12 +160,12 @@ def test_stored_labels_replay_the_shuffle(tiny_run, tmp_path):
     distilled = load_distilled(os.path.join(run_dir, "refine"))
     pipe = Pipeline(cfg, run_dir, device="cpu")
     stored = label_source("stored", cfg, pipe.run, distilled, str(tmp_path), torch.device("cpu"), pipe.data()[0])
-    res = st.resident_set(cfg, distilled, "cpu")
+    res = schedule.resident_set(cfg, distilled, "cpu")
     for (index, params, _), idx in zip(stored.epoch(1), res.epoch_order(cfg.student.batch_size)):
         p = res.draw(idx, out_size=32, scale=cfg.student.scale, flip=cfg.data.flip, mix="cutmix", alpha=1.0)
         assert torch.equal(index, idx) and torch.equal(params["shuffle"], p["shuffle"])
     with pytest.raises(HelloError, match="shuffle_factor"):
-        stored.check_schedule(st.schedule_of(tiny_config("student.epochs=1"), len(distilled)))
+        stored.check_schedule(schedule.schedule_of(tiny_config("student.epochs=1"), len(distilled)))
 
 
 def test_dali_backend_crops_the_shuffled_images():
@@ -195,7 +196,7 @@ def test_dali_backend_crops_the_shuffled_images():
 def test_paper_presets_use_rdeds_recipe(name, batch):
     cfg = load_config(name)
     sc = cfg.student
-    assert sc.shuffle_patches and st.shuffle_factor(cfg) == cfg.select.factor == 2
+    assert sc.shuffle_patches and schedule.shuffle_factor(cfg) == cfg.select.factor == 2
     assert sc.schedule == "rded" and not sc.decay_norms_and_biases
     assert sc.lr is None and learning_rate(sc.arch, sc.lr) == RDED_LR[sc.arch]
     assert sc.scale == [1 / cfg.select.factor, 1.0]
