@@ -79,9 +79,8 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:
         for d in DTYPES:
-            cfg = copy.deepcopy(base)
+            cfg = _with_artifact(base, paths[d])
             cfg.seed = seed
-            cfg.student.artifact = paths[d]
             source = label_source("projector", cfg, run, distilled, tmp, "cpu", train_set)
             out_dir = tempfile.mkdtemp(dir=tmp)
             r = train_student(cfg, distilled, val_set, source, torch.device("cpu"), out_dir)

@@ -220,7 +220,7 @@ class Pipeline:
         start = time.time()
         self._auto = True
         try:
-            order = ["teachers", "select", "projector", "refine", "student"]
+            order = list(STAGES)
             if self.cfg.select.observer == "projector":
                 order[1:3] = ["projector", "select"]
             results = {stage: self._run(stage) for stage in order}
