@@ -44,11 +44,28 @@ def _kept_rows(path: str, before_epoch: int) -> list[dict]:
         return [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit() and int(row["epoch"]) < before_epoch]
 
 
+def _after_earlier_event_files(directory: str) -> None:
+    """Wait until the clock's second is later than every event file's in `directory`.
+
+    TensorBoard reads a folder's event files in name order, and a name carries the whole second it
+    was opened in, then the process's writer count as text ("10" sorts before "9"): a resumed log
+    opened in the second of the file it supersedes could be read first, and its purge undone."""
+    stamps = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        parts = name.split(".")
+        if name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 def _tensorboard_writer(directory: str, purge_step: int | None):
     try:  # optional: the `tensorboard` extra; torch's writer imports it
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
+    if purge_step is not None:
+        _after_earlier_event_files(directory)
     return SummaryWriter(directory, purge_step=purge_step)
 
 

@@ -115,6 +115,39 @@ def test_a_resumed_stage_keeps_earlier_epochs_and_rewrites_the_rest(tmp_path, rn
     assert old_events and not old_events & set(os.listdir(tmp_path)) and "epoch/loss" not in _scalars(tmp_path)
 
 
+def _writer_uid(directory) -> int:
+    """Open and close one SummaryWriter in `directory`; the process-wide writer count its file name carries."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(directory))
+    name = os.path.basename(writer.file_writer.event_writer._file_name)
+    writer.close()
+    return int(name.split(".")[-1])
+
+
+def test_a_resume_whose_writer_count_gains_a_digit_still_purges(tmp_path):
+    """Event files of one second sort by the writer count as text ("10" < "9"): the resumed file must still be read last."""
+    pytest.importorskip("tensorboard")
+    scratch = tmp_path / "scratch"
+    uid = _writer_uid(scratch)
+    while len(str(uid + 1)) == len(str(uid + 2)):  # the first log's writer gets the last count of this many digits
+        uid = _writer_uid(scratch)
+    log = TrainingLog(str(tmp_path / "log"))
+    for epoch in (1, 2, 3):
+        log.begin_epoch()
+        log.step(torch.tensor(float(epoch)), 8, 0.1, epoch)
+        log.end_epoch(epoch)
+    log.close()
+    log = TrainingLog(str(tmp_path / "log"), first_epoch=2)  # its writer's count has one digit more
+    for epoch in (2, 3):
+        log.begin_epoch()
+        log.step(torch.tensor(10.0 * epoch), 8, 0.1, epoch)
+        log.end_epoch(epoch)
+    log.close()
+    loss = _scalars(tmp_path / "log")["epoch/loss"]
+    assert loss == [(1, 1.0), (2, 20.0), (3, 30.0)]
+
+
 @pytest.mark.slow
 def test_a_killed_stage_rerun_logs_each_epoch_once(tmp_path):
     """SIGKILL the teachers stage after a checkpoint, rerun: epochs.csv and TensorBoard hold epochs 1..6, each once."""
