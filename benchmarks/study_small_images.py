@@ -4,7 +4,7 @@ Takes a run whose teachers and projector are finished; for each variant (a name 
 overrides) it redoes selection and refinement in its own copy of the run, then trains one
 student per (label source, student seed). The student seed changes only the student's init and
 its augmentation stream, so the spread between seeds is the noise that a single run hides.
-Results: small_images_<config>.json/.csv (every student, and mean and spread per variant and source).
+Results: small_images_<config>[_<tag>].json/.csv (every student, and mean and spread per variant and source).
 
     python benchmarks/study_small_images.py --run runs/digits --seeds 0 1 2 \\
         --variant base --variant crop50 select.crop_scale=[0.5,1.0] --variant tile1 select.factor=1
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     p.add_argument("--eval-every", type=int, default=10, help="student epochs between evaluations (the last always)")
     p.add_argument("--work", default=None, help="where the variants' run copies go (default: a temporary folder)")
+    p.add_argument("--tag", default="", help="results file name suffix: small_images_<config>_<tag>")
     p.add_argument("--out", default=RESULTS_DIR)
     args = p.parse_args(argv)
     name = load_config(os.path.join(args.run, "config.yaml")).name
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     for variant in args.variant:
         rows += run_variant(args.run, work, variant[0], variant[1:], args.sources, args.seeds, args.eval_every)
         summary = summarise(rows)  # written after every variant: an interrupted study keeps what it measured
-        write(f"small_images_{name}", rows, {"run": os.path.abspath(args.run), "seeds": args.seeds, "summary": summary},
+        write(f"small_images_{name}" + (f"_{args.tag}" if args.tag else ""), rows, {"run": os.path.abspath(args.run), "seeds": args.seeds, "summary": summary},
               args.out)
     for s in summary:
         sd = f" ± {s['top1_last_sd']:.1f}" if s["top1_last_sd"] is not None else ""
