@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HELLO_FAST_PROGRESS", "0")
@@ -15,6 +16,8 @@ except ImportError:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from hello_fast.cli import main as cli_main  # noqa: E402
 
 TINY = [
     "data.source=procedural", "data.procedural_classes=3", "data.procedural_per_class=16", "data.image_size=32",
@@ -57,6 +60,25 @@ def rng(request):
     seed = int(os.environ.get("HELLO_FAST_TEST_SEED", torch.seed() % 2**31))
     print(f"{request.node.nodeid}: rng seed {seed} (replay: HELLO_FAST_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def cli_here(capsys):
+    """`hello-fast ARGS` in this process: cli_here(*args) -> CompletedProcess (exit status, stdout, stderr).
+
+    No interpreter start-up (importing torch and torchvision: 3-7 s a call on a 2-core CPU); the
+    same `main` as the console script. Tests keep one subprocess call for the user's own path.
+    """
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            code = cli_main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
 
 
 def has_cuda() -> bool:

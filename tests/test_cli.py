@@ -33,21 +33,6 @@ def test_console_script_is_the_same_command():
     assert a.stdout == run("--help").stdout
 
 
-def run_here(capsys, *args):
-    """The same command in this process: exit status and output without an interpreter start-up (importing
-    torch and torchvision, 3-7 s a call on a 2-core CPU). The subprocess `run` is the user's path; this
-    one is for the many one-line-error cases behind it."""
-    from hello_fast.cli import main
-
-    capsys.readouterr()
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
-
-
 def _assert_clean_error(out, words):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
@@ -56,7 +41,7 @@ def _assert_clean_error(out, words):
     assert words in lines[0], lines[0]
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+def test_bad_inputs_give_one_line_errors(tmp_path, cli_here):
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = tmp_path / "bad.yaml"
@@ -70,11 +55,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     save_file({"w": torch.zeros(2)}, str(foreign))
     out_dir = str(tmp_path / "run")
     _assert_clean_error(run("distill", "--data", str(tmp_path / "nope"), "--out", out_dir), "does not exist")
-    _assert_clean_error(run_here(capsys, "distill", "--data", str(empty), "--out", out_dir), "is empty")
-    _assert_clean_error(run_here(capsys, "distill", "--config", str(cfg), "--out", out_dir), "unknown key student.epoch")
-    _assert_clean_error(run_here(capsys, "inspect", str(truncated)), "not a readable label artifact")
-    _assert_clean_error(run_here(capsys, "inspect", str(foreign)), "not a hello_fast label artifact")
-    _assert_clean_error(run_here(capsys, "projector", "--out", out_dir), "teachers stage has not run")
+    _assert_clean_error(cli_here("distill", "--data", str(empty), "--out", out_dir), "is empty")
+    _assert_clean_error(cli_here("distill", "--config", str(cfg), "--out", out_dir), "unknown key student.epoch")
+    _assert_clean_error(cli_here("inspect", str(truncated)), "not a readable label artifact")
+    _assert_clean_error(cli_here("inspect", str(foreign)), "not a hello_fast label artifact")
+    _assert_clean_error(cli_here("projector", "--out", out_dir), "teachers stage has not run")
     assert not os.path.exists(os.path.join(out_dir, "teachers"))  # nothing half-written
 
 
@@ -132,7 +117,7 @@ def test_distill_from_the_cli_on_a_folder(tmp_path):
     assert "done in" not in again.stderr
 
 
-def test_student_with_another_artifact(tiny_run, tmp_path, capsys):
+def test_student_with_another_artifact(tiny_run, tmp_path, cli_here):
     """--artifact: labels from a given artifact; wrong class count or backbone weights are refused in one line."""
     import shutil
 
@@ -150,15 +135,15 @@ def test_student_with_another_artifact(tiny_run, tmp_path, capsys):
     # an artifact made for 4 classes, on data with 3
     other = tmp_path / "other"
     four = [a for a in TINY if not a.startswith(("data.procedural_classes", "data.num_classes"))]
-    made = run_here(capsys, "distill", "--out", str(other), "--set", "data.procedural_classes=4", "--set", "data.num_classes=4",
-               "--set", "student.label_sources=[hard]", *sum((["--set", a] for a in four), []))
+    made = cli_here("distill", "--out", str(other), "--set", "data.procedural_classes=4", "--set", "data.num_classes=4",
+                    "--set", "student.label_sources=[hard]", *sum((["--set", a] for a in four), []))
     assert made.returncode == 0, made.stderr[-2000:]
-    bad = run_here(capsys, "student", "--out", str(out), "--artifact", str(other / "projector" / "artifact.safetensors"),
-              "--set", "student.label_sources=[projector]")
+    bad = cli_here("student", "--out", str(out), "--artifact", str(other / "projector" / "artifact.safetensors"),
+                   "--set", "student.label_sources=[projector]")
     _assert_clean_error(bad, "labels 4 classes but the data has 3")
     # the right artifact on other backbone weights
     weights = tmp_path / "other_clip.pt"
     torch.save(load_clip("hello-tiny-rn", init_seed=7).model.state_dict(), weights)
-    wrong = run_here(capsys, "student", "--out", str(out), "--artifact", own, "--artifact-weights", str(weights),
-                "--set", "student.label_sources=[projector]")
+    wrong = cli_here("student", "--out", str(out), "--artifact", own, "--artifact-weights", str(weights),
+                     "--set", "student.label_sources=[projector]")
     _assert_clean_error(wrong, "was trained on backbone hello-tiny-rn")

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-from hello_fast.cli import main
 from hello_fast.config import load_config
 from hello_fast.storage import MIB, sre2l_soft_label_bytes, storage_report
 
@@ -71,15 +70,15 @@ def test_compact_artifact_figures_are_the_sizes_of_converted_files(tiny_run, tmp
             == r[f"artifact_bytes_{dtype}"]
 
 
-def test_storage_cli_json(capsys):
+def test_storage_cli_json(cli_here):
     out = subprocess.run([sys.executable, "-m", "hello_fast", "storage", "--config", "imagenet1k-ipc10", "--json"],
                          capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
     assert {"artifact_bytes", "artifact_bytes_fp16", "artifact_bytes_int8", "backbone_bytes", "sre2l_soft_label_bytes",
             "teacher_bytes"} <= set(data)
-    capsys.readouterr()
-    assert main(["storage", "--config", "imagenet1k-ipc10"]) == 0  # the table, in this process (no second start-up)
-    text = capsys.readouterr().out
+    table = cli_here("storage", "--config", "imagenet1k-ipc10")  # in this process: no second start-up
+    assert table.returncode == 0, table.stderr
+    text = table.stdout
     assert "HeLlO label artifact" in text and "smaller than the stored labels" in text
     assert "CLIP backbone, RN50 (openai)" in text and "downloaded once" in text
 
