@@ -58,8 +58,12 @@ def precision_for(*dtypes: torch.dtype) -> str:
     16-bit inputs already carry less precision than TF32 (10-bit mantissa), so the fp32 LoRA
     products beside them run on TF32 tensor cores; all-fp32 inputs follow torch's fp32 matmul
     setting (`torch.backends.cuda.matmul.allow_tf32` / `torch.set_float32_matmul_precision`).
-    The interpreter computes exactly ("ieee").
+    The interpreter computes exactly ("ieee"). Any other dtype (float64) has no kernel here: the
+    ops refuse it before dispatching, and this refuses it again so no launcher compiles one.
     """
+    unserved = [d for d in dtypes if d not in (torch.float32, torch.float16, torch.bfloat16)]
+    if unserved:
+        raise ValueError(f"lora_linear: the Triton kernels take float32, float16 or bfloat16 operands, got {unserved[0]}")
     if _interpreting():
         return "ieee"
     if any(d in (torch.float16, torch.bfloat16) for d in dtypes):

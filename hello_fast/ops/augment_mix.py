@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast.ops import _backend
-from hello_fast._limits import DTYPE_CODES, MAX_SHUFFLE_FACTOR, MAX_VIEWS, strip_source_index
+from hello_fast._limits import DTYPE_CODES, MAX_SHUFFLE_FACTOR, MAX_VIEWS, check_kernel_dtype, strip_source_index
 
 MODES = ("none", "mixup", "cutmix")
 # preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
@@ -57,8 +57,7 @@ def _views_spec(views):
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"augment_mix: a view needs 3 means and 3 positive stds, got {mean}, {std}")
-        if dtype not in DTYPE_CODES:
-            raise ValueError(f"augment_mix: view dtype must be float32, float16 or bfloat16, got {dtype}")
+        check_kernel_dtype("augment_mix", "a view's dtype", dtype)
         out.append((mean, std, dtype))
     if not out:
         raise ValueError("augment_mix: give at least one view")

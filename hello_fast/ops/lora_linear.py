@@ -13,6 +13,11 @@ cuBLAS-backed reference unless Triton is asked for by name (`backend="triton"` o
 `lora_linear_multi(x, weight, lora_a (n, r, K), lora_b (n, N, r), adapter_index (rows,), scales
 (n,), bias=None)`: row m uses adapter adapter_index[m] (one backbone serving several label
 artifacts in one batch).
+
+Inputs are float32, float16 or bfloat16; float64 is refused for every backend with the message
+the other ops use (hello_fast._limits.check_kernel_dtype), so it never reaches the Triton kernel,
+whose accumulator is fp32. `lora_linear_reference` itself still computes float64 in float64 (the
+tests' oracle).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hello_fast._limits import check_kernel_dtype
 from hello_fast.ops import _backend
 
 _OFFERED = ("triton", "torch")
@@ -61,6 +67,9 @@ def _check(x, weight, lora_a, lora_b, bias):
         raise ValueError(f"lora_linear: lora_b must be ({N}, {r}), got {tuple(lora_b.shape)}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"lora_linear: bias must be ({N},), got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):
+        if t is not None:
+            check_kernel_dtype("lora_linear", name, t.dtype)
     if weight.dtype != x.dtype:
         raise ValueError(f"lora_linear: weight is {weight.dtype} but x is {x.dtype}")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)):

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hello_fast._limits import check_kernel_dtype
 from hello_fast.ops import _backend
 
 MODES = ("mse", "kl")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
 _OFFERED = _backend.CUDA_THEN_TRITON
 
@@ -57,9 +57,7 @@ def _check(student_logits, target_logits, hard, partner, lam, mode, temperature,
         raise ValueError(f"soft_label_loss: mode must be one of {MODES}, got {mode!r}")
     if student_logits.dim() != 2 or student_logits.numel() == 0:
         raise ValueError(f"soft_label_loss: student_logits must be a non-empty (B, C) tensor, got {tuple(student_logits.shape)}")
-    if student_logits.dtype not in DTYPES:
-        raise ValueError(f"soft_label_loss: student_logits must be float32, float16 or bfloat16 (every backend computes "
-                         f"in float32), got {student_logits.dtype}")
+    check_kernel_dtype("soft_label_loss", "student_logits", student_logits.dtype)
     B, C = student_logits.shape
     if target_logits is not None:
         if target_logits.shape != student_logits.shape:
