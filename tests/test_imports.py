@@ -4,12 +4,15 @@ The graph is read from the source (every `import` statement, at module top or in
 so a circle that only closes at run time is found too.
 """
 import ast
-import importlib
-import multiprocessing
+import json
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+FRESH = pathlib.Path(__file__).with_name("_fresh_imports.py")  # the fresh interpreter that forks one importer per module
 # heavy or optional dependencies that a module may import where it needs them (with a comment saying so)
 LOCAL_OK = ("nvidia", "open_clip", "triton", "tensorboard", "matplotlib", "timm", "sklearn", "safetensors",
             "torch.utils.tensorboard", "hello_fast.kernels", "hello_fast._C")
@@ -105,25 +108,42 @@ def test_imports_inside_functions_are_only_heavy_optional_dependencies():
     assert not hidden, "\n".join(hidden)
 
 
-def _import_alone(name, queue):
-    try:
-        importlib.import_module(name)
-        queue.put((name, None))
-    except Exception as e:  # noqa: BLE001 (reported by the test)
-        queue.put((name, f"{type(e).__name__}: {e}"))
+def import_each_first(names, pythonpath=None) -> dict[str, str]:
+    """{module: error} for the modules that fail to import as the first of the package in a fresh process.
+
+    `pythonpath` puts another copy of the package ahead of the installed one."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(FRESH), *names], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"module"')]
+    assert [r["module"] for r in reports] == list(names), out.stdout[-3000:] + out.stderr[-3000:]
+    return {r["module"]: r["error"] for r in reports if r["error"]}
+
+
+def _importable():
+    return sorted(m for m in _modules() if m != "hello_fast.__main__")  # __main__ runs the command line
 
 
 def test_every_module_imports_first():
-    """Each module imported first in a fresh process (forked before any hello_fast import): an import
-    circle that only shows for one import order fails here."""
-    ctx = multiprocessing.get_context("fork")
-    failures = []
-    for name in sorted(m for m in _modules() if not m.startswith("hello_fast.kernels") and m != "hello_fast.__main__"):
-        queue = ctx.Queue()
-        p = ctx.Process(target=_import_alone, args=(name, queue))
-        p.start()
-        p.join(120)
-        _, error = queue.get(timeout=5) if p.exitcode == 0 else (name, f"exit code {p.exitcode}")
-        if error:
-            failures.append(f"{name}: {error}")
-    assert not failures, "\n".join(failures)
+    """Each module imported first in its own process, forked from a fresh interpreter before any hello_fast
+    import (the pytest process has them all cached): an import circle that only shows for one import order,
+    or an import that raises, fails here."""
+    failures = import_each_first(_importable())
+    assert not failures, "\n".join(f"{m}: {e}" for m, e in failures.items())
+
+
+def test_the_fresh_import_check_fails_on_a_broken_copy(tmp_path):
+    """A copy of the package where one module raises on import and two modules close a circle only when
+    the second is imported first: the check names exactly those, and passes the untouched modules."""
+    copy = tmp_path / "hello_fast"
+    shutil.copytree(ROOT / "hello_fast", copy, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    (copy / "bench.py").write_text((copy / "bench.py").read_text() + "\nraise RuntimeError('planted failure')\n")
+    (copy / "_circle_a.py").write_text("from hello_fast._circle_b import g\n\nX = 1\n")
+    (copy / "_circle_b.py").write_text("import hello_fast._circle_a\n\n\ndef g():\n    return hello_fast._circle_a.X\n")
+    failures = import_each_first(["hello_fast.errors", "hello_fast.bench", "hello_fast._circle_a", "hello_fast._circle_b",
+                                  "hello_fast.config"], pythonpath=tmp_path)
+    assert set(failures) == {"hello_fast.bench", "hello_fast._circle_b"}, failures
+    assert "RuntimeError: planted failure" in failures["hello_fast.bench"] and str(copy) in failures["hello_fast.bench"]
+    assert "partially initialized module" in failures["hello_fast._circle_b"]
