@@ -5,7 +5,9 @@ import os
 import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HELLO_FAST_PROGRESS", "0")
+# the tests read the commands' stderr, so no progress output in it whatever the shell says; the commands
+# the tests start inherit it (no test passes it again)
+os.environ["HELLO_FAST_PROGRESS"] = "0"
 try:  # without a GPU, Triton kernels are tested through the interpreter (set before triton is imported)
     import torch as _torch
 
@@ -31,6 +33,13 @@ TINY = [
     "refine.enabled=true", "refine.steps=2", "refine.batch_size=8",
     "student.width=8", "student.epochs=2", "student.batch_size=4", "student.eval_every=1",
 ]
+
+
+def tiny_sets(*extra: str, drop: tuple[str, ...] = ()) -> list[str]:
+    """TINY and then `extra` as command-line arguments (`--set KEY=VALUE` pairs); TINY's items whose key starts
+    with one of `drop` left out (a folder run drops ("data.source", "data.procedural", "data.num_classes"))."""
+    items = [item for item in TINY if not item.startswith(tuple(drop))] + list(extra)
+    return [arg for item in items for arg in ("--set", item)]
 
 
 def tiny_config(*extra: str):
@@ -85,7 +94,15 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def pytest_collection_modifyitems(config, items):
+    """GPU cases skip without CUDA (the `gpu` mark selects; a skipif object in its place selected nothing)."""
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+
+
+gpu = pytest.mark.gpu  # `pytest -m gpu` selects these; without CUDA they skip (pytest_collection_modifyitems)
 
 
 def triton_device():

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import tiny_sets
 from PIL import Image
 
 from hello_fast.data.sources import procedural_images
@@ -27,9 +27,8 @@ from hello_fast.data.sources import procedural_images
 CLASSES = ("kind_a", "kind_b")
 # TINY, but batches that hold the whole folder: DALI's parser crashed (exit 139) on the file in most
 # runs with 64- or 256-image batches and in none with TINY's 16 (when the image check is off)
-SETTINGS = [a for a in TINY if not a.startswith(("data.source", "data.procedural", "data.num_classes", "teachers.batch_size",
-                                                  "projector.batch_size"))]
-SETTINGS += ["data.num_classes=2", "teachers.batch_size=64", "projector.batch_size=64"]
+SETTINGS = tiny_sets("data.num_classes=2", "teachers.batch_size=64", "projector.batch_size=64",
+                     drop=("data.source", "data.procedural", "data.num_classes", "teachers.batch_size", "projector.batch_size"))
 
 
 def _pil_decodes(data: bytes) -> bool:
@@ -150,10 +149,8 @@ def _remove(paths: list[str]) -> None:
 def _run(command: str, data: str, out: str, loader: str, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "hello_fast", command, "--data", data, "--out", out, "--loader", loader,
             "--device", "cpu", "--quiet"]
-    for item in SETTINGS + list(extra):
-        args += ["--set", item]
-    env = {**os.environ, "HELLO_FAST_PROGRESS": "0"}
-    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    args += SETTINGS + [a for item in extra for a in ("--set", item)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert res.returncode >= 0, f"killed by signal {-res.returncode}:\n{res.stderr[-3000:]}"  # a crash is a failure
     assert res.returncode == 0, res.stderr[-3000:]
     return res

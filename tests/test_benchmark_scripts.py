@@ -49,7 +49,7 @@ def test_gpu_benchmark_says_when_nothing_was_measured(tmp_path):
 def test_student_loop_bench_quick(tmp_path):
     """`hello-fast bench student-loop --quick` runs on a CPU and writes every loop's figures."""
     out = subprocess.run([sys.executable, "-m", "hello_fast", "bench", "student-loop", "--quick", "--device", "cpu",
-                          "--out", str(tmp_path)], capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+                          "--out", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "student_loop_cpu_quick.json").read_text())
     assert {"device", "torch", "date", "loops", "projector_forward_ms", "labeling_overhead"} <= set(doc)
@@ -64,7 +64,7 @@ def test_artifact_dtype_study_writes_per_seed_students_and_label_drift(tiny_run,
     run, _ = tiny_run
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study_artifact_dtype.py"), "--run", run,
                           "--seeds", "0", "1", "--epochs", "2", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "artifact_dtype_tiny.json").read_text())
     assert [(r["dtype"], r["seed"]) for r in doc["rows"]] == [(d, s) for s in (0, 1) for d in ("fp32", "fp16", "int8")]
@@ -82,7 +82,7 @@ def test_small_images_study_compares_variants_over_student_seeds(tiny_run, tmp_p
     run, _ = tiny_run
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "study_small_images.py"), "--run", run, "--seeds", "0", "1",
            "--sources", "hard", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]
-    out = subprocess.run(cmd + ["--variant", "base", "--variant", "tile1", "select.factor=1", "student.epochs=1"], capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+    out = subprocess.run(cmd + ["--variant", "base", "--variant", "tile1", "select.factor=1", "student.epochs=1"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((tmp_path / "small_images_tiny.json").read_text())
     assert [(r["variant"], r["seed"]) for r in doc["rows"]] == [("base", 0), ("base", 1), ("tile1", 0), ("tile1", 1)]

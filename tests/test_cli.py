@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_sets
 
 CMD = [sys.executable, "-m", "hello_fast"]
 
 
 def run(*args, cwd=None, env=None):
-    e = dict(os.environ, HELLO_FAST_PROGRESS="0", **(env or {}))
+    e = dict(os.environ, **(env or {}))
     return subprocess.run(CMD + list(args), capture_output=True, text=True, cwd=cwd, env=e)
 
 
@@ -85,7 +86,6 @@ def test_inspect_prints_and_validates(tiny_run):
 
 def test_distill_from_the_cli_on_a_folder(tmp_path):
     """An ImageNet-style folder with a broken JPEG: the run finishes, names the file, writes everything."""
-    from conftest import TINY
     from PIL import Image
 
     from hello_fast.data.sources import procedural_images
@@ -99,10 +99,9 @@ def test_distill_from_the_cli_on_a_folder(tmp_path):
                 Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.jpg", quality=95)
     broken = tmp_path / "data" / "train" / "shape1" / "3.jpg"
     broken.write_bytes(broken.read_bytes()[:100])
-    args = ["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet"]
-    for item in TINY:  # the default preset (digits: 10 classes) with tiny sizes; --data defines the 3 classes
-        if not item.startswith(("data.source", "data.procedural", "data.num_classes")):
-            args += ["--set", item]
+    args = ["distill", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet",
+            # the default preset (digits: 10 classes) with tiny sizes; --data defines the 3 classes
+            *tiny_sets(drop=("data.source", "data.procedural", "data.num_classes"))]
     out = run(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "3.jpg" in out.stderr  # the unreadable image is named
@@ -122,7 +121,6 @@ def test_student_with_another_artifact(tiny_run, tmp_path, cli_here):
     import shutil
 
     import torch
-    from conftest import TINY
 
     from hello_fast.models.clip import load_clip
 
@@ -134,9 +132,8 @@ def test_student_with_another_artifact(tiny_run, tmp_path, cli_here):
     assert ok.returncode == 0, ok.stderr[-2000:]
     # an artifact made for 4 classes, on data with 3
     other = tmp_path / "other"
-    four = [a for a in TINY if not a.startswith(("data.procedural_classes", "data.num_classes"))]
-    made = cli_here("distill", "--out", str(other), "--set", "data.procedural_classes=4", "--set", "data.num_classes=4",
-                    "--set", "student.label_sources=[hard]", *sum((["--set", a] for a in four), []))
+    made = cli_here("distill", "--out", str(other), *tiny_sets("data.procedural_classes=4", "data.num_classes=4",
+                    "student.label_sources=[hard]", drop=("data.procedural_classes", "data.num_classes")))
     assert made.returncode == 0, made.stderr[-2000:]
     bad = cli_here("student", "--out", str(out), "--artifact", str(other / "projector" / "artifact.safetensors"),
                    "--set", "student.label_sources=[projector]")

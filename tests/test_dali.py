@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, gpu
+from conftest import gpu, tiny_sets
 
 pytest.importorskip("nvidia.dali")
 
@@ -289,12 +289,8 @@ def test_distill_on_a_folder_with_the_dali_loader(tmp_path):
     for split, seed in (("train", 1), ("val", 2)):
         _write_folder(os.path.join(root, split), per_class=8 if split == "train" else 3, size=40, seed=seed)
     args = [sys.executable, "-m", "hello_fast", "distill", "--data", root, "--loader", "dali", "--device", "cpu",
-            "--out", str(tmp_path / "run"), "--quiet"]
-    for item in TINY:
-        if not item.startswith(("data.source", "data.procedural")):
-            args += ["--set", item]
-    env = {**os.environ, "HELLO_FAST_PROGRESS": "0"}
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+            "--out", str(tmp_path / "run"), "--quiet", *tiny_sets(drop=("data.source", "data.procedural"))]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "loader: dali" in out.stderr
     results = json.load(open(tmp_path / "run" / "results.json"))

@@ -47,7 +47,7 @@ def reference_seconds(env) -> float:
 def digits_run(tmp_path_factory):
     """The README's first command, run once: (working folder, completed process, seconds, reference seconds)."""
     cwd = tmp_path_factory.mktemp("digits")
-    env = dict(os.environ, HELLO_FAST_PROGRESS="0")
+    env = dict(os.environ)
     reference = reference_seconds(env)
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "hello_fast", "distill", "--device", "cpu"], cwd=cwd,
@@ -98,7 +98,7 @@ def test_killed_digits_run_resumes_to_the_same_accuracy(digits_run, tmp_path):
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     cmd = [sys.executable, "-m", "hello_fast", "distill", "--device", "cpu", "--out", str(run)]
     assert kill_when(cmd, str(run / ".partial" / "student" / "teacher" / "checkpoint.pt"), delay=1.0)
-    again = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+    again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "student (teacher): resuming from the checkpoint after epoch" in again.stderr
     want = json.loads((ref / "results.json").read_text())["students"]

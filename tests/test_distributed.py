@@ -7,14 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import tiny_config, tiny_sets
 
 from hello_fast.pipeline import Pipeline
 from hello_fast.projector.artifact import read_artifact
 
 
 def _torchrun(*args, cwd=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HELLO_FAST_PROGRESS="0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "hello_fast", *args, "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
@@ -22,13 +22,9 @@ def _torchrun(*args, cwd=None):
     return out
 
 
-def _sets(*extra):
-    return [a for item in list(TINY) + list(extra) for a in ("--set", item)]
-
-
 def _single(*args):
     """The same command in one process, at the torchrun ranks' thread count (the thread count changes float sums)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HELLO_FAST_PROGRESS="0")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "hello_fast", *args, "--device", "cpu"], capture_output=True, text=True,
                          env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -38,10 +34,10 @@ def _single(*args):
 @pytest.mark.slow
 def test_projector_stage_on_two_processes_equals_one(tmp_path):
     one, out = tmp_path / "one", tmp_path / "ddp"
-    _single("teachers", "--out", str(one), *_sets())
+    _single("teachers", "--out", str(one), *tiny_sets())
     shutil.copytree(one / "teachers", out / "teachers")
-    _single("projector", "--out", str(one), *_sets())
-    _torchrun("projector", "--out", str(out), *_sets())
+    _single("projector", "--out", str(one), *tiny_sets())
+    _torchrun("projector", "--out", str(out), *tiny_sets())
     single, _ = read_artifact(str(one / "projector" / "artifact.safetensors"))
     double, meta = read_artifact(str(out / "projector" / "artifact.safetensors"))
     for k in single:  # the same global batches, gradients averaged with per-rank weights: the same training
@@ -61,7 +57,7 @@ def test_student_stage_on_two_processes_matches_one(tmp_path):
     double_dir = tmp_path / "double"
     shutil.copytree(single_dir, double_dir)
     shutil.rmtree(double_dir / "student")
-    out = _torchrun("student", "--out", str(double_dir), *_sets(*LEARN))
+    out = _torchrun("student", "--out", str(double_dir), *tiny_sets(*LEARN))
     assert "label source" in out.stdout and out.stdout.count("label source") == 1  # rank 0 alone reports
     double = json.loads((double_dir / "results.json").read_text())["students"]
     for source in ("hard", "teacher"):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import tiny_config, tiny_sets
 from test_resume import kill_when
 
 from hello_fast.config import save_config
@@ -37,7 +37,7 @@ def cli_run(tmp_path_factory):
     logs = tmp / "logs"
     out = subprocess.run([sys.executable, "-m", "hello_fast", "distill", "--config", str(config), "--out", str(tmp / "run"),
                           "--device", "cpu", "--log-dir", str(logs), "--log-steps", "--quiet"],
-                         capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+                         capture_output=True, text=True)
     return logs, out
 
 
@@ -153,12 +153,12 @@ def test_a_killed_stage_rerun_logs_each_epoch_once(tmp_path):
     """SIGKILL the teachers stage after a checkpoint, rerun: epochs.csv and TensorBoard hold epochs 1..6, each once."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    sets = [a for item in [*TINY, "teachers.keep_epochs=[1,2,3,4,5,6]"] for a in ("--set", item)]
-    cmd = [sys.executable, "-m", "hello_fast", "teachers", "--device", "cpu", "--out", str(out), *sets]
+    cmd = [sys.executable, "-m", "hello_fast", "teachers", "--device", "cpu", "--out", str(out),
+           *tiny_sets("teachers.keep_epochs=[1,2,3,4,5,6]")]
     assert kill_when(cmd, str(out / ".partial" / "teachers" / "checkpoint.pt")), "finished before it could be killed"
     partial = _rows(out / "logs" / "teachers" / "epochs.csv")
     assert partial and len(partial) < 6
-    again = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HELLO_FAST_PROGRESS="0"))
+    again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from the checkpoint after epoch" in again.stderr
     rows = _rows(out / "logs" / "teachers" / "epochs.csv")

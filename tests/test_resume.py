@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import tiny_config, tiny_sets
 
 from hello_fast.errors import HelloError
 from hello_fast.pipeline import Pipeline
@@ -18,14 +18,12 @@ LONG = ["teachers.keep_epochs=[1,2,3,4,5,6,7,8,9,10]", "projector.epochs=8", "st
 
 
 def _cmd(out, extra):
-    sets = [a for item in list(TINY) + list(extra) for a in ("--set", item)]
-    return [sys.executable, "-m", "hello_fast", "distill", "--device", "cpu", "--out", str(out), *sets]
+    return [sys.executable, "-m", "hello_fast", "distill", "--device", "cpu", "--out", str(out), *tiny_sets(*extra)]
 
 
 def kill_when(cmd, marker, delay=0.2, timeout=600):
     """Start cmd, SIGKILL it shortly after `marker` appears; True if it was killed mid-run."""
-    env = dict(os.environ, HELLO_FAST_PROGRESS="0")
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.time()
     while not os.path.exists(marker):
         if p.poll() is not None or time.time() - start > timeout:
@@ -67,8 +65,7 @@ def test_sigkill_mid_stage_then_rerun_gives_the_uninterrupted_result(reference, 
     cmd = _cmd(out, LONG)
     assert kill_when(cmd, str(out / ".partial" / stage / "checkpoint.pt")), "the run finished before it could be killed"
     assert not (out / stage / "done.json").exists()  # killed mid-stage: nothing committed for it
-    env = dict(os.environ, HELLO_FAST_PROGRESS="0")
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     label = "student (hard)" if stage.startswith("student") else stage
     assert f"{label}: resuming from the checkpoint after epoch" in again.stderr
