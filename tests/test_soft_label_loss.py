@@ -4,7 +4,7 @@ import importlib
 import pytest
 import torch
 
-from hello_fast.ops import _backend, soft_label_loss, soft_label_loss_reference
+from hello_fast.ops import _backend, _registrations, soft_label_loss, soft_label_loss_reference
 
 CPP = pytest.mark.skipif(_backend.extension() is None, reason="hello_fast._C not built")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-7,  # the loss is returned as float32
@@ -180,6 +180,8 @@ def test_gpu_roles_by_default(monkeypatch, extension, triton, want):
     am, sll = importlib.import_module("hello_fast.ops.augment_mix"), importlib.import_module("hello_fast.ops.soft_label_loss")
     monkeypatch.delenv("HELLO_FAST_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "extension", lambda: None if extension is None else _FakeExtension(extension == "cuda"))
+    # what the extension said about its CUDA kernels when the ops were registered (read there once: free to trace)
+    monkeypatch.setattr(_registrations, "cuda_kernels_built", lambda: extension == "cuda")
     monkeypatch.setattr(_backend, "triton_usable", lambda device: triton)
     cuda = torch.device("cuda")
     for op, offered in (("augment_mix", am._OFFERED), ("soft_label_loss", sll._OFFERED)):

@@ -35,10 +35,10 @@ CUDA_THEN_TRITON = ("cuda", "triton", "cpp", "torch")
 
 
 def extension():
-    """The loaded `hello_fast._C` module, or None (the package warned once about it); its ops' fake impls registered."""
+    """The loaded `hello_fast._C` module, or None (the package warned once about it); the ops' torch.library
+    registrations made either way (hello_fast.ops._registrations)."""
     ext = _extension.load()
-    if ext is not None:
-        _registrations.register()
+    _registrations.register(ext)
     return ext
 
 
@@ -67,8 +67,7 @@ def available(device: torch.device, offered: tuple[str, ...]) -> list[str]:
         if name == "triton" and triton_usable(device):
             out.append(name)
         elif name == "cuda" and device.type == "cuda":
-            ext = extension()
-            if ext is not None and ext.cuda_built():
+            if extension() is not None and _registrations.cuda_kernels_built():
                 out.append(name)
         elif name == "cpp" and device.type == "cpu" and extension() is not None:
             out.append(name)
@@ -101,3 +100,8 @@ def choose(op: str, requested: str | None, device: torch.device, offered: tuple[
     if device.type == "cpu" and "triton" in usable and len(usable) > 1:
         usable.remove("triton")  # the interpreter is a test path, never the fast one
     return usable[0]
+
+
+# the ops exist (schemas, fakes, autograd, Triton kernels) from import on, before anything traces them: registering
+# inside a torch.compile trace would break its graph
+extension()

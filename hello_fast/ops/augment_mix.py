@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hello_fast.ops import _backend
+from hello_fast.ops import _backend, _registrations
 from hello_fast._limits import DTYPE_CODES, MAX_SHUFFLE_FACTOR, MAX_VIEWS, check_kernel_dtype, strip_source_index
 
 MODES = ("none", "mixup", "cutmix")
@@ -133,6 +133,23 @@ def check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size
     return B
 
 
+def _assert_in_range(src, index, crop, partner, lam, cut, mode, out_size, shuffle) -> None:
+    """check_augment_args' range rules as one device-side assertion (torch.compile: a host read would break the graph)."""
+    S, _, H, W = src.shape
+    B = index.shape[0]
+    top, left, h, w = crop.unbind(1)
+    ok = ((index >= 0) & (index < S)).all() & ((partner >= 0) & (partner < B)).all()
+    ok = ok & ((top >= 0) & (left >= 0) & (h >= 1) & (w >= 1) & (top + h <= H) & (left + w <= W)).all()
+    if mode == "cutmix":
+        t0, l0, b1, r1 = cut.unbind(1)
+        ok = ok & ((t0 >= 0) & (l0 >= 0) & (t0 <= b1) & (l0 <= r1) & (b1 <= out_size) & (r1 <= out_size)).all()
+    if mode == "mixup":
+        ok = ok & torch.isfinite(lam).all()
+    if shuffle is not None:
+        ok = ok & (shuffle.sort(-1).values == torch.arange(shuffle.shape[-1], device=shuffle.device)).all()
+    torch._assert_async(ok, "augment_mix: an index, crop, partner, CutMix box, lam or strip order is out of range")
+
+
 def shuffle_patches(images: torch.Tensor, shuffle: torch.Tensor) -> torch.Tensor:
     """RDED's ShufflePatches of a batch (B, C, H, W) with the strip orders `shuffle` (B, 2, F): the shuffled images."""
     B, C, H, W = images.shape
@@ -197,7 +214,10 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, vi
     parameters are then undefined behaviour; the CUDA kernel writes NaN for such a sample rather than read outside
     `src`, the C++ CPU op still raises.
     """
-    if check:
+    if check and torch.compiler.is_compiling():
+        _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle)
+        _assert_in_range(src, index, crop, partner, lam, cut, mode, out_size, shuffle)
+    elif check:
         check_augment_args(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle)
     else:
         _check_shapes(src, index, crop, flip, partner, lam, cut, mode, out_size, shuffle)
@@ -208,14 +228,15 @@ def augment_mix(src, index, crop, flip, partner, lam, cut, *, mode, out_size, vi
                                        shuffle=shuffle)
         if channels_last:
             out = tuple(v.contiguous(memory_format=torch.channels_last) for v in out)
-    elif name == "triton":
+    elif name == "triton" and not (src.device.type == "cuda" and _registrations.triton_serves_cuda()):
+        # Triton beside the CUDA kernels, or in the interpreter: its launcher directly (the op's key is taken)
         from hello_fast.kernels import (
             augment_mix as kern,  # triton is an optional dependency
         )
 
         out = kern.augment_mix(src, index, crop, flip, partner, lam, cut, mode, int(out_size), spec, channels_last,
                                shuffle=shuffle)
-    else:
+    else:  # the op: the C++ kernel of the device, or Triton where it is the op's CUDA kernel
         mean = [m for v in spec for m in v[0]]
         std = [s for v in spec for s in v[1]]
         codes = [DTYPE_CODES[v[2]] for v in spec]

@@ -96,41 +96,85 @@ def _offered(x: torch.Tensor) -> tuple[str, ...]:
     return _OFFERED
 
 
-class _LoRALinearTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight, lora_a, lora_b, bias, scale):
-        from hello_fast.kernels import lora_linear as kern
+# The Triton path as two torch.library ops, so torch.compile sees one node each (the reference is plain torch ops).
+# Their kernel is Triton on every device (the GPU, or the CPU through the interpreter); the dispatcher below only
+# calls them once it chose "triton". Schemas are spelled out: this module uses postponed annotations.
+@torch.library.custom_op("hello_fast::lora_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias) -> Tensor")
+def _lora_linear_op(x, weight, lora_a, lora_b, scale, bias):
+    from hello_fast.kernels import lora_linear as kern  # triton is an optional dependency
 
-        out = kern.fused(x2d, weight, lora_b, scale, a=lora_a, bias=bias)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b)
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
-        return out
+    out = kern.fused(x.reshape(-1, x.shape[-1]), weight, lora_b, scale, a=lora_a, bias=bias)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def backward(ctx, dy):
-        from hello_fast.kernels import lora_linear as kern
 
-        x2d, weight, lora_a, lora_b = ctx.saved_tensors
-        s = ctx.scale
-        need_x, need_w, need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        dy = dy if dy.dtype == x2d.dtype else dy.to(x2d.dtype)
-        # g = s * dy B (rows x r, fp32): the LoRA path's gradient at x A^T, accumulated in fp32 from strided views
-        g = kern.tn(dy.t(), lora_b, s) if (need_x or need_a) else None
-        dx = dw = da = db = dbias = None
-        if need_x:
-            # dx = dy W + g A: the forward kernel on dy with W^T, B' = A^T and the precomputed g
-            dx = kern.fused(dy, weight.t(), lora_a.t(), 1.0, h=g)
-        if need_a:
-            da = kern.tn(g, x2d).to(lora_a.dtype)  # (r, K) = g^T x
-        if need_b:
-            h = kern.tn(x2d.t(), lora_a.t())  # x A^T (rows x r), recomputed in fp32
-            db = kern.tn(dy, h, s).to(lora_b.dtype)  # (N, r) = s dy^T (x A^T)
-        if need_w:
-            dw = torch.matmul(dy.t(), x2d).to(weight.dtype)
-        if need_bias:
-            dbias = dy.float().sum(0).to(dy.dtype)
-        return dx, dw, da, db, dbias, None
+@_lora_linear_op.register_fake
+def _(x, weight, lora_a, lora_b, scale, bias):
+    N, K = weight.shape
+    torch._check(x.shape[-1] == K, lambda: f"lora_linear: x has {x.shape[-1]} features, weight expects {K}")
+    torch._check(lora_a.dim() == 2 and lora_a.shape[1] == K, lambda: f"lora_linear: lora_a must be (r, {K})")
+    torch._check(lora_b.dim() == 2 and lora_b.shape[0] == N and lora_b.shape[1] == lora_a.shape[0],
+                 lambda: f"lora_linear: lora_b must be ({N}, r)")
+    torch._check(weight.dtype == x.dtype, lambda: f"lora_linear: weight is {weight.dtype} but x is {x.dtype}")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.custom_op("hello_fast::lora_linear_backward", mutates_args=(),
+                         schema="(Tensor dy, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, "
+                                "bool need_x, bool need_a, bool need_b) -> (Tensor, Tensor, Tensor)")
+def _lora_linear_backward_op(dy, x, weight, lora_a, lora_b, scale, need_x, need_a, need_b):
+    """(dx, dA, dB) of the Triton path for 2-D dy (rows, N) and x (rows, K); an unneeded one is empty (0,)."""
+    from hello_fast.kernels import lora_linear as kern  # triton is an optional dependency
+
+    dx, da, db = (dy.new_empty(0) for _ in range(3))  # three tensors: outputs must not alias each other
+    # g = s * dy B (rows x r, fp32): the LoRA path's gradient at x A^T, accumulated in fp32 from strided views
+    g = kern.tn(dy.t(), lora_b, scale) if (need_x or need_a) else None
+    if need_x:
+        # dx = dy W + g A: the forward kernel on dy with W^T, B' = A^T and the precomputed g
+        dx = kern.fused(dy, weight.t(), lora_a.t(), 1.0, h=g)
+    if need_a:
+        da = kern.tn(g, x).to(lora_a.dtype)  # (r, K) = g^T x
+    if need_b:
+        h = kern.tn(x.t(), lora_a.t())  # x A^T (rows x r), recomputed in fp32
+        db = kern.tn(dy, h, scale).to(lora_b.dtype)  # (N, r) = s dy^T (x A^T)
+    return dx, da, db
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, scale, need_x, need_a, need_b):
+    torch._check(dy.dim() == 2 and x.dim() == 2 and dy.shape[0] == x.shape[0],
+                 lambda: "lora_linear_backward: dy (rows, N) and x (rows, K) must share their rows")
+    return (x.new_empty(x.shape) if need_x else dy.new_empty(0), lora_a.new_empty(lora_a.shape) if need_a else dy.new_empty(0),
+            lora_b.new_empty(lora_b.shape) if need_b else dy.new_empty(0))
+
+
+def _setup_lora_linear(ctx, inputs, output):
+    x, weight, lora_a, lora_b, scale, bias = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.scale = scale
+
+
+def _lora_linear_backward(ctx, dy):
+    x, weight, lora_a, lora_b = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, _, need_bias = ctx.needs_input_grad
+    x2d = x.reshape(-1, x.shape[-1])
+    dy = dy.reshape(-1, weight.shape[0])
+    dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+    dx = dw = da = db = dbias = None
+    if need_x or need_a or need_b:
+        dx, da, db = torch.ops.hello_fast.lora_linear_backward(dy, x2d, weight, lora_a, lora_b, ctx.scale,
+                                                               need_x, need_a, need_b)
+        dx = dx.reshape(x.shape) if need_x else None
+        da = da if need_a else None
+        db = db if need_b else None
+    if need_w:
+        dw = torch.matmul(dy.t(), x2d).to(weight.dtype)
+    if need_bias:
+        dbias = dy.float().sum(0).to(dy.dtype)
+    return dx, dw, da, db, None, dbias
+
+
+_lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_setup_lora_linear)
 
 
 def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, backend=None):
@@ -144,10 +188,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, *, backend=None):
     name = _backend.choose("lora_linear", backend, x.device, _offered(x))
     if name == "torch":
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    out = _LoRALinearTriton.apply(x2d, weight, lora_a, lora_b, bias, float(scale))
-    return out.reshape(*lead, weight.shape[0])
+    return torch.ops.hello_fast.lora_linear(x, weight, lora_a, lora_b, float(scale), bias)
 
 
 def lora_linear_multi(x, weight, lora_a, lora_b, adapter_index, scales, bias=None, *, backend=None):

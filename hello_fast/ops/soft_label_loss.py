@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast._limits import check_kernel_dtype
-from hello_fast.ops import _backend
+from hello_fast.ops import _backend, _registrations
 
 MODES = ("mse", "kl")
 # preferred first; the dispatcher drops what this device cannot run (see _backend for the roles)
@@ -75,6 +75,11 @@ def _check(student_logits, target_logits, hard, partner, lam, mode, temperature,
         raise ValueError(f"soft_label_loss: temperature must be a positive finite number, got {temperature}")
     if not abs(beta) < float("inf"):
         raise ValueError(f"soft_label_loss: beta must be finite, got {beta}")
+    if torch.compiler.is_compiling():
+        # under torch.compile a host read would break the graph: the same bounds, asserted on the device
+        ok = (hard.min() >= 0) & (hard.max() < C) & (partner.min() >= 0) & (partner.max() < B)
+        torch._assert_async(ok, "soft_label_loss: hard labels must lie in [0, C) and partners in [0, B)")
+        return
     # one device-to-host read for the four bounds (a sync per training step, not four)
     h_lo, h_hi, p_lo, p_hi = torch.stack([hard.min(), hard.max(), partner.min(), partner.max()]).tolist()
     if h_lo < 0 or h_hi >= C:
@@ -96,18 +101,17 @@ def soft_label_loss(student_logits, target_logits, hard, partner, lam, *, mode="
     name = _backend.choose("soft_label_loss", backend, student_logits.device, _OFFERED)
     if name == "torch":
         return soft_label_loss_reference(student_logits, target_logits, hard, partner, lam, mode=mode, temperature=temperature, beta=beta).float()
-    impl = _triton if name == "triton" else _csrc
     args = (target_logits, hard, partner, lam, mode, float(temperature), float(beta))
-    if torch.is_grad_enabled() and student_logits.requires_grad:
-        return _WithGrad.apply(student_logits, impl, *args)
-    return impl(student_logits, *args, with_grad=False)[0]
-
-
-def _csrc(student, target, hard, partner, lam, mode, temperature, beta, with_grad):
-    """The C++/CUDA kernels (torch's dispatcher picks the device's)."""
-    if with_grad:
-        return torch.ops.hello_fast.soft_label_loss_with_grad(student, target, hard, partner, lam, mode, temperature, beta)
-    return torch.ops.hello_fast.soft_label_loss(student, target, hard, partner, lam, mode, temperature, beta), None
+    grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if name == "triton" and not (student_logits.device.type == "cuda" and _registrations.triton_serves_cuda()):
+        # Triton beside the CUDA kernels, or in the interpreter: its launcher directly (the op's key is taken)
+        if grad:
+            return _TritonWithGrad.apply(student_logits, *args)
+        return _triton(student_logits, *args, with_grad=False)[0]
+    # the op: the C++ kernel of the device, or Triton where it is the op's CUDA kernel; autograd is the op's
+    if grad:
+        return torch.ops.hello_fast.soft_label_loss_with_grad(student_logits, *args)[0]
+    return torch.ops.hello_fast.soft_label_loss(student_logits, *args)
 
 
 def _triton(student, target, hard, partner, lam, mode, temperature, beta, with_grad):
@@ -118,21 +122,17 @@ def _triton(student, target, hard, partner, lam, mode, temperature, beta, with_g
     return kern.soft_label_loss(student, target, hard, partner, lam, mode, temperature, beta, with_grad)
 
 
-class _WithGrad(torch.autograd.Function):
-    """The kernels compute d loss / d student in the forward pass (the exponentials are at hand);
-    backward only scales it by the incoming gradient."""
+class _TritonWithGrad(torch.autograd.Function):
+    """The Triton launcher called directly: the kernel computes d loss / d student in the forward pass (the
+    exponentials are at hand); backward only scales it by the incoming gradient, as the op's autograd does."""
 
     @staticmethod
-    def forward(ctx, student, impl, target, hard, partner, lam, mode, temperature, beta):
-        loss, grad = impl(student, target, hard, partner, lam, mode, temperature, beta, with_grad=True)
+    def forward(ctx, student, target, hard, partner, lam, mode, temperature, beta):
+        loss, grad = _triton(student, target, hard, partner, lam, mode, temperature, beta, with_grad=True)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        if grad_output.device.type == "cpu" and float(grad_output) == 1.0:
-            scaled = grad  # loss.backward(): no full-size pass for the usual gradient of 1
-        else:
-            scaled = grad * grad_output.to(grad.dtype)
-        return scaled, None, None, None, None, None, None, None, None
+        return (_registrations.scaled_grad(grad, grad_output),) + (None,) * 7
