@@ -1,4 +1,8 @@
 """The three ops as torch.library ops: schemas, fake tensors, opcheck, autograd, and torch.compile seeing one node per op."""
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import triton_device
@@ -221,3 +225,31 @@ def test_compiled_range_checks_still_refuse(rng):
     bad[1, 2] = 13  # a crop taller than the image
     with pytest.raises(RuntimeError, match="out of range"):
         aug_fn(bad)
+
+
+def test_without_the_extension_the_ops_are_declared_from_python():
+    """An install with no compiled extension: the schemas come from Python, with fakes and autograd, and Triton (when
+    installed) serves the CUDA key; the CPU runs the reference."""
+    code = """
+import sys, warnings
+sys.modules["hello_fast._C"] = None  # the import of the extension fails, as on an install without it
+warnings.simplefilter("ignore")
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from hello_fast.ops import _backend, _registrations, soft_label_loss
+assert _backend.extension() is None
+for name, schema in _registrations.SCHEMAS.items():
+    assert str(getattr(torch.ops.hello_fast, name).default._schema) == str(torch._C.parse_schema("hello_fast::" + schema))
+assert torch._C._dispatch_has_kernel_for_dispatch_key("hello_fast::soft_label_loss_with_grad", "Autograd")
+s = torch.randn(3, 5)
+with FakeTensorMode() as mode:
+    loss, grad = torch.ops.hello_fast.soft_label_loss_with_grad(mode.from_tensor(s), None, *(mode.from_tensor(t) for t in (
+        torch.tensor([0, 1, 4]), torch.tensor([1, 0, 2]), torch.ones(3))), "mse", 1.0, 1.0)
+    assert loss.shape == () and grad.shape == (3, 5)
+print(_registrations.triton_serves_cuda(), float(soft_label_loss(s, None, torch.tensor([0, 1, 4]), torch.tensor([1, 0, 2]),
+                                                               torch.ones(3), beta=1.0)) > 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    triton_installed = importlib.util.find_spec("triton") is not None
+    assert out.stdout.split() == [str(triton_installed), "True"]
