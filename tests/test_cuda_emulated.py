@@ -55,9 +55,12 @@ pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compi
 
 _LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\((?P<args>[^;]*)\)\s*;")
 
+_SHARED = re.compile(r"\b__shared__\s[^;{}()]*?\b(?P<name>[A-Za-z_]\w*)\s*(?:\[[^\];]*\]\s*)*;")
+
 
 def emulated_source(text: str, path: str) -> str:
-    """The .cu text with each `k<<<cfg>>>(args);` rewritten to an emulator launch, line numbers kept."""
+    """The .cu text with each `k<<<cfg>>>(args);` rewritten to an emulator launch, and each `__shared__` declaration
+    followed by its registration with the emulator (which poisons it at every block start), line numbers kept."""
     def launch(m):
         args = m["args"].strip()
         return f'::emu::launch(::emu::Config({m["config"]}).named("{m["kernel"]}"), {m["kernel"]}{", " + args if args else ""});'
@@ -65,6 +68,7 @@ def emulated_source(text: str, path: str) -> str:
     out, n = _LAUNCH.subn(launch, text)
     if n == 0:
         raise ValueError(f"{path}: no <<<...>>> launch found")
+    out = _SHARED.sub(lambda m: f'{m[0]} ::emu::shared_declared(&{m["name"]}, sizeof({m["name"]}));', out)
     return f'#line 1 "{path}"\n' + out
 
 
@@ -149,8 +153,11 @@ class EmulatorFailure(AssertionError):
     """The emulated kernel aborted: an emulator check, a sanitizer report or the watchdog."""
 
 
-def _run(exe: Path, args: list[str], *, schedule="forward", timeout=300, watchdog_s=30):
+def _run(exe: Path, args: list[str], *, schedule="forward", timeout=300, watchdog_s=30, shared=None):
+    """Run the driver; `shared`: how blocks start their shared memory, "poison" (default) or "zero"."""
+    shared = shared or os.environ.get("HELLO_FAST_EMU_SHARED", "poison")
     env = dict(os.environ, HELLO_FAST_EMU_SCHEDULE=schedule, HELLO_FAST_EMU_WATCHDOG_S=str(watchdog_s),
+               HELLO_FAST_EMU_SHARED=shared,
                ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1",
                TSAN_OPTIONS="halt_on_error=1:exitcode=66")
     res = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=timeout)
@@ -357,6 +364,17 @@ def test_launch_rewrite_keeps_lines_and_arguments():
         '::emu::launch(::emu::Config(1, 32).named("q"), q);']
     for k in KERNELS:
         assert "<<<" not in emulated_source((CUDA / k).read_text(), k)
+    shared = "q<<<1, 32>>>();\n  __shared__ float part[kThreads / 32];\n__shared__ volatile int flag;\n"
+    assert emulated_source(shared, "x.cu").splitlines()[2:] == [
+        "  __shared__ float part[kThreads / 32]; ::emu::shared_declared(&part, sizeof(part));",
+        "__shared__ volatile int flag; ::emu::shared_declared(&flag, sizeof(flag));"]
+    # every __shared__ declaration of the kernels is registered (so it starts each block poisoned)
+    declared = 0
+    for path in [*(CUDA / k for k in KERNELS), EMU / "selftest.cu"]:
+        text = path.read_text()
+        assert emulated_source(text, path.name).count("::emu::shared_declared(") == text.count("__shared__"), path
+        declared += text.count("__shared__")
+    assert declared >= 4
 
 
 def _selftest(name, tmp_path, flavour="plain", **kw):
@@ -410,6 +428,20 @@ def test_watchdog_stops_a_spinning_thread_and_a_free_running_deadlock(tmp_path):
         _selftest("spin", tmp_path, watchdog_s=1)
     with pytest.raises(EmulatorFailure, match=r"watchdog.*threads 0-0 at __syncthreads; threads 1-31 at a shuffle"):
         _selftest("deadlock", tmp_path, schedule="free", watchdog_s=1)
+
+
+@pytest.mark.parametrize("schedule", ["forward", "free"])
+def test_every_block_starts_with_poisoned_shared_memory(schedule, tmp_path):
+    """Shared words read before any write are 0xffffffff (NaN as a float) in every block, not zero and not what the
+    previous block left; HELLO_FAST_EMU_SHARED=zero gives the zeroed start that hides such reads."""
+    _selftest("shared_starts_poisoned", tmp_path, schedule=schedule)
+    out = np.fromfile(tmp_path / "out.bin", dtype=np.int32).reshape(2, 128)
+    for b in range(2):
+        assert (out[b, :64] == -1).all(), out[b, :64]
+        assert (out[b, 64:72] == 1).all(), out[b, 64:72]
+    _selftest("shared_starts_poisoned", tmp_path, schedule=schedule, shared="zero")
+    out = np.fromfile(tmp_path / "out.bin", dtype=np.int32).reshape(2, 128)
+    assert (out[:, :64] == 0).all() and (out[:, 64:72] == 0).all()
 
 
 def test_launch_bounds_are_cuda_s(tmp_path):
@@ -591,6 +623,22 @@ def test_a_removed_syncthreads_is_caught(tmp_path):
     src = _mutated("soft_label_loss_kernel.cu", BLOCK_SUM_WRITE, BLOCK_SUM_WRITE.replace("  __syncthreads();\n", ""))
     found = _failures(_mutant("plain", src), tmp_path, MUTATION_CASES)
     assert found and all("differs" in str(e) or "loss" in str(e) for e in found), found
+
+
+def test_an_uninitialised_shared_memory_read_is_caught(tmp_path, monkeypatch):
+    """A block sum whose warps skip storing a zero partial sum reads shared words nobody wrote. Zeroed shared memory
+    hides it (the sum comes out right); the poisoned start of every block turns the read into NaN."""
+    write = "  if (lane == 0) shared[warp] = v;\n"
+    assert BLOCK_SUM_WRITE.startswith(write)
+    src = _mutated("soft_label_loss_kernel.cu", BLOCK_SUM_WRITE,
+                   BLOCK_SUM_WRITE.replace(write, "  if (lane == 0 && v != 0.f) shared[warp] = v;\n"))
+    # 7 classes: only warp 0 of the 256 threads holds elements, the other warps' partial sums are 0
+    cases = [(1, 7, torch.float32, "mse", 1.0, 0.0, True, 0), (2, 7, torch.float32, "mse", 1.0, 0.0, True, 0)]
+    exe = _mutant("plain", src)
+    found = _failures(exe, tmp_path / "poison", cases)
+    assert len(found) == len(cases) and all("loss nan" in str(e) for e in found), found
+    monkeypatch.setenv("HELLO_FAST_EMU_SHARED", "zero")
+    assert not _failures(exe, tmp_path / "zero", cases)
 
 
 def test_an_off_by_one_bound_is_caught_by_the_sanitizer(tmp_path):

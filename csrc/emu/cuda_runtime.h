@@ -1,7 +1,10 @@
 // SIMT emulation of the CUDA runtime for executing the project's .cu kernels on the CPU under g++ (tests only).
 //
 // Each CUDA thread is a host thread; the blocks of a grid run one after another. `__shared__` is static storage
-// (one block at a time shares it), `__syncthreads()` is a barrier that exited threads drop out of, and the warp
+// (one block at a time shares it), poisoned at the start of every block (bytes 0xff: NaN as float, half and
+// bfloat16, -1 as an integer), as a GPU gives a block whatever its SM held last: a kernel that reads shared memory
+// it did not write gets NaN, not a zero that happens to be right (HELLO_FAST_EMU_SHARED=zero starts blocks zeroed
+// instead, to show what zeroed memory hides). `__syncthreads()` is a barrier that exited threads drop out of, and the warp
 // shuffles go through a per-warp exchange that checks every lane named in the mask is alive and at the same call.
 // Launches check CUDA's bounds (block <= 1024 threads, grid y/z <= 65535, ...) and report them through
 // cudaGetLastError like the real runtime. Misuse that CUDA leaves undefined (a shuffle naming an exited lane,
@@ -13,9 +16,11 @@
 // (for ThreadSanitizer). A watchdog aborts when no thread reaches a barrier, shuffle or exit for
 // HELLO_FAST_EMU_WATCHDOG_S seconds (default 30): a spinning thread.
 //
-// The one source change a .cu file needs is its launch lines: `k<<<grid, block, smem, stream>>>(args);` becomes
-// `::emu::launch(::emu::Config(grid, block, smem, stream).named("k"), k, args);` (tests/test_cuda_emulated.py
-// rewrites them).
+// The source changes a .cu file needs, both made on the same line by tests/test_cuda_emulated.py: its launch lines,
+// `k<<<grid, block, smem, stream>>>(args);` becomes `::emu::launch(::emu::Config(grid, block, smem, stream)
+// .named("k"), k, args);`, and each `__shared__ T name[...];` is followed by `::emu::shared_declared(&name,
+// sizeof(name));`, which tells the emulator where the variable lives (g++ ignores a section attribute on the
+// static locals of function templates, so the header alone cannot find them).
 // Not emulated: fast-math precision (__expf is expf), concurrency between blocks, atomics, timing.
 #pragma once
 
@@ -186,6 +191,43 @@ inline int env_int(const char* name, int fallback) {
   return v && *v ? std::atoi(v) : fallback;
 }
 
+// The __shared__ variables met so far (address, bytes): filled with the poison byte when first declared and at the
+// start of every later block. A block start runs with no block thread running (at launch, and by the last thread
+// to leave a block, under the block's lock), and a first declaration under shared_m, which every thread passes
+// before touching the variable: the fill is ordered before every read.
+struct SharedVariable {
+  void* p;
+  size_t bytes;
+};
+inline std::mutex shared_m;
+inline std::vector<SharedVariable> shared_variables;
+
+inline unsigned char shared_fill() {
+  static const unsigned char fill = [] {
+    const char* v = std::getenv("HELLO_FAST_EMU_SHARED");
+    const std::string s = v ? v : "poison";
+    if (s != "poison" && s != "zero") fail("HELLO_FAST_EMU_SHARED must be poison or zero, got '" + s + "'");
+    return static_cast<unsigned char>(s == "poison" ? 0xff : 0x00);
+  }();
+  return fill;
+}
+
+inline void poison_shared() {
+  std::lock_guard<std::mutex> lk(shared_m);
+  for (const SharedVariable& v : shared_variables) std::memset(v.p, shared_fill(), v.bytes);
+}
+
+template <typename T>
+void shared_declared(T* variable, size_t bytes) {
+  void* p = const_cast<void*>(static_cast<const volatile void*>(variable));
+  std::lock_guard<std::mutex> lk(shared_m);
+  for (const SharedVariable& v : shared_variables) {
+    if (v.p == p) return;
+  }
+  shared_variables.push_back({p, bytes});
+  std::memset(p, shared_fill(), bytes);
+}
+
 inline Schedule schedule_from_env() {
   const char* v = std::getenv("HELLO_FAST_EMU_SCHEDULE");
   const std::string s = v ? v : "forward";
@@ -340,6 +382,7 @@ inline void thread_exit(int t) {
     B.cv.notify_all();
   }
   if (++B.finished == B.n) {  // the block is done: reset for the next one, which starts at the first thread
+    poison_shared();
     B.finished = 0;
     B.alive = B.n;
     B.block_gen++;
@@ -414,6 +457,7 @@ void launch(const Config& c, void (*kernel)(P...), A&&... args) {
   blockDim = c.block;
   gridDim = c.grid;
   g_block = &B;
+  poison_shared();
   const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
   const uint64_t blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
 

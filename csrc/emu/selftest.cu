@@ -75,10 +75,23 @@ __global__ void deadlock(int* out) {
 __global__ void spin(int* out) {
   __shared__ volatile int flag;
   if (threadIdx.x == 0) {
+    flag = 0;  // shared memory starts poisoned, not zeroed
     while (flag == 0) {
     }
     out[0] = 1;
   }
+}
+
+// each block reports the shared words it finds on entry, then writes them: a later block must find the poison again
+__global__ void shared_starts_poisoned(int* out) {
+  __shared__ int cell[64];
+  __shared__ float partial[8];
+  const int t = threadIdx.x, b = blockIdx.x;
+  out[128 * b + t] = cell[t];
+  if (t < 8) out[128 * b + 64 + t] = std::isnan(partial[t]) ? 1 : 0;
+  __syncthreads();
+  cell[t] = 1000 * (b + 1) + t;
+  if (t < 8) partial[t] = 0.f;
 }
 
 __global__ void count_blocks(int* out) {
@@ -115,6 +128,9 @@ int run(const std::string& name, const std::string& dir) {
     divergent_barrier<<<1, 64>>>(out.data());
   } else if (name == "deadlock") {
     deadlock<<<1, 32>>>(out.data());
+  } else if (name == "shared_starts_poisoned") {
+    shared_starts_poisoned<<<2, 64>>>(out.data());
+    out.resize(256);
   } else if (name == "spin") {
     spin<<<1, 32>>>(out.data());
   } else if (name == "launch_bounds") {
