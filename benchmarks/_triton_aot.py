@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import importlib
+import importlib.metadata
 import inspect
 import json
 import multiprocessing
@@ -65,6 +66,30 @@ def _tool(name: str) -> str:
     import triton  # the binaries ship inside the triton wheel
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+# The Triton releases the static proof ran on (benchmarks/results/gpu_static.json's toolchain); pyproject.toml's
+# `gpu-static` extra pins the same. A new release joins after `gpu_static.py --strict` is clean on it.
+PROVEN_TRITON = ("3.8.0",)
+
+
+def installed_triton() -> str | None:
+    """The installed Triton's version, or None where it is not installed."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def toolchain_problem() -> str | None:
+    """None if the installed Triton is one the static proof ran on and has the API it drives, else why not."""
+    version = installed_triton()
+    if version not in PROVEN_TRITON:
+        found = f"triton {version} is installed" if version else "triton is not installed"
+        return (f"{found}, but the static proof ran on triton {', '.join(PROVEN_TRITON)} only (benchmarks/_triton_aot.py "
+                "PROVEN_TRITON, pyproject.toml's gpu-static extra): install it (pip install -e '.[gpu-static]'), or run "
+                "benchmarks/gpu_static.py --strict on this version and add it to both")
+    return api_missing()
 
 
 def api_missing() -> str | None:

@@ -50,6 +50,11 @@ def main(argv=None) -> int:
     if reason:
         print(f"gpu_static: cannot compile ahead of time here: {reason}", file=sys.stderr)
         return 2
+    version = _triton_aot.installed_triton()
+    if version not in _triton_aot.PROVEN_TRITON:  # still compile: this run is how a new release is proven
+        print(f"gpu_static: triton {version} is not among the proven releases ({', '.join(_triton_aot.PROVEN_TRITON)}); "
+              "when this run is clean, add it to _triton_aot.PROVEN_TRITON and pyproject.toml's gpu-static extra",
+              file=sys.stderr)
 
     scenarios = _triton_aot.enumerate_scenarios(args.arch, full=not args.quick)
     t0 = time.time()

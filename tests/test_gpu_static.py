@@ -3,15 +3,19 @@
 The compile runs in worker processes through benchmarks/_triton_aot.py (the package's own
 launchers, Triton's real binder and compiler, a stand-in driver). The default tier compiles
 each kernel's default fast path on both architectures; the slow tier compiles the whole matrix
-of benchmarks/gpu_static.py. Skips, with the reason, where the installed Triton lacks the
-private API this needs.
+of benchmarks/gpu_static.py. The proof holds for the Triton releases it ran on
+(_triton_aot.PROVEN_TRITON, pyproject.toml's gpu-static extra): with any other Triton installed,
+or one whose private API moved, every test here fails with the reason rather than skipping; only
+an install without Triton at all (it is a Linux-only dependency) skips.
 """
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import glob
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 
@@ -23,8 +27,15 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import _triton_aot  # noqa: E402
 
-REASON = _triton_aot.api_missing()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no ahead-of-time Triton compile here: {REASON}")
+PROBLEM = _triton_aot.toolchain_problem()
+pytestmark = pytest.mark.skipif(_triton_aot.installed_triton() is None, reason="triton is not installed: nothing compiles")
+
+
+@pytest.fixture(autouse=True)
+def proven_toolchain():
+    """Outside the proven toolchain every test fails with the reason (a skip would read as a pass in CI)."""
+    if PROBLEM is not None:
+        pytest.fail(f"no static GPU proof for this toolchain: {PROBLEM}")
 
 ARCHS = (80, 90)
 KERNELS = ("lora_linear._fused_kernel", "lora_linear._tn_kernel", "lora_linear._multi_kernel",
@@ -149,3 +160,25 @@ def test_full_matrix_for_sm80_and_sm90():
     views = {int(r["scenario"].split("views=")[1].split()[0]) for r in rows if r["kernel"].startswith("augment_mix")}
     classes = {int(r["scenario"].split("classes=")[1].split()[0]) for r in rows if r["kernel"].startswith("soft_label_loss")}
     assert views == {1, 2, 3, 4} and {10, 100, 1000, 21843} <= classes
+
+
+def test_pyproject_pins_the_proven_triton():
+    """The gpu-static extra admits exactly the releases of PROVEN_TRITON among the neighbouring ones."""
+    from packaging.requirements import Requirement
+
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    match = re.search(r"^gpu-static = \[(.*)\]$", text, re.MULTILINE)
+    assert match, "pyproject.toml has no gpu-static extra"
+    (spec,) = [Requirement(r) for r in ast.literal_eval(f"[{match[1]}]")]  # a TOML array of strings reads as Python
+    assert spec.name == "triton"
+    candidates = {f"3.{minor}.{patch}" for minor in range(2, 12) for patch in range(3)} | set(_triton_aot.PROVEN_TRITON)
+    assert {v for v in candidates if spec.specifier.contains(v)} == set(_triton_aot.PROVEN_TRITON), spec
+
+
+def test_a_triton_outside_the_proven_range_is_a_failure_with_its_reason(monkeypatch):
+    monkeypatch.setattr(_triton_aot, "installed_triton", lambda: "3.9.0")
+    problem = _triton_aot.toolchain_problem()
+    assert problem and "triton 3.9.0 is installed" in problem and "3.8.0" in problem and "gpu-static" in problem
+    monkeypatch.setattr(_triton_aot, "installed_triton", lambda: _triton_aot.PROVEN_TRITON[0])
+    monkeypatch.setattr(_triton_aot, "api_missing", lambda: "JITFunction.run takes no grid/warmup arguments")
+    assert _triton_aot.toolchain_problem() == "JITFunction.run takes no grid/warmup arguments"
