@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from hello_fast._io import atomic_path, load_model_file
+from hello_fast._io import load_model_file, write_bytes
 from hello_fast.errors import HelloError
 from hello_fast.models.students import build_model
 
@@ -38,10 +38,7 @@ def save_model(path: str, model: torch.nn.Module, meta: dict) -> int:
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = save(state, metadata={"hello_fast": json.dumps(meta, sort_keys=True)})
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-    return len(data)
+    return write_bytes(path, data, "network weights")
 
 
 def load_network(path: str, device) -> tuple[torch.nn.Module, dict]:

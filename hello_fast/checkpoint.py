@@ -7,6 +7,7 @@ refused with a clear error, never executed.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import random
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from hello_fast import distributed
-from hello_fast._io import atomic_path
+from hello_fast._io import write_bytes
 from hello_fast._progress import log
 from hello_fast.errors import HelloError
 
@@ -45,8 +46,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Serialised in memory first: torch.save into a full file system fails with "unexpected pos" (a RuntimeError
+    naming neither disk nor path); the bytes' size is what write_bytes checks against the free space."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getbuffer(), "checkpoint")
 
 
 def load_checkpoint(path: str) -> dict:

@@ -240,6 +240,7 @@ def _cmd_storage(args) -> int:
 
 
 def main(argv=None) -> int:
+    from hello_fast._io import os_error_line
     from hello_fast.errors import HelloError
 
     parser = build_parser()
@@ -264,6 +265,12 @@ def main(argv=None) -> int:
         return _cmd_stage(args)
     except HelloError as e:
         print(f"hello-fast: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a refusal no caller named (a distilled image, a plot): still one line, if the user can fix it
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"hello-fast: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hello-fast: interrupted; finished stages are kept, run the same command again to go on", file=sys.stderr)

@@ -16,14 +16,18 @@ starts its logs afresh. Under torchrun only rank 0 writes (its own loss; the met
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import os
+import threading
 import time
 
 import torch
 
 from hello_fast import distributed
+from hello_fast._io import os_error_line, os_errors
+from hello_fast.errors import HelloError
 
 EPOCH_COLUMNS = ("epoch", "loss", "lr", "val_top1", "img_per_s", "seconds")
 STEP_COLUMNS = ("step", "epoch", "loss", "lr")
@@ -66,24 +70,57 @@ def _tensorboard_writer(directory: str, purge_step: int | None):
         return None
     if purge_step is not None:
         _after_earlier_event_files(directory)
-    return SummaryWriter(directory, purge_step=purge_step)
+    if threading.excepthook is not _quiet_writer_thread:
+        global _next_excepthook
+        _next_excepthook, threading.excepthook = threading.excepthook, _quiet_writer_thread
+    with os_errors("write the TensorBoard log in", directory):
+        return SummaryWriter(directory, purge_step=purge_step)
+
+
+_next_excepthook = threading.excepthook
+
+
+def _quiet_writer_thread(args) -> None:
+    """TensorBoard writes its events in a thread that dies with a traceback when the OS refuses a write (a full
+    disk), then re-raises the error at the writer's next flush; end_epoch says that one in one line."""
+    if (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)
+            and os_error_line(args.exc_value) is not None):
+        return
+    _next_excepthook(args)
 
 
 class _Table:
     """A CSV with fixed columns, flushed row by row (a crashed run leaves every finished row readable)."""
 
     def __init__(self, path: str, columns, kept: list[dict]):
+        self.path = path
         self.columns = columns
-        self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=columns)
-        self.writer.writeheader()
-        for row in kept:
-            self.writer.writerow({c: row.get(c, "") for c in columns})
-        self.file.flush()
+        self.file = None
+        with self._refused():
+            self.file = open(path, "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=columns)
+            self.writer.writeheader()
+            for row in kept:
+                self.writer.writerow({c: row.get(c, "") for c in columns})
+            self.file.flush()
+
+    @contextlib.contextmanager
+    def _refused(self):
+        """A refused write (a full disk) as one line; the file is closed at once, so no unflushed row is tried again
+        (and reported as an ignored exception) when the interpreter exits."""
+        try:
+            with os_errors("write the training log", self.path):
+                yield
+        except HelloError:
+            if self.file is not None:
+                with contextlib.suppress(OSError):
+                    self.file.close()
+            raise
 
     def write(self, row: dict) -> None:
-        self.writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in self.columns})
-        self.file.flush()
+        with self._refused():
+            self.writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in self.columns})
+            self.file.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -103,7 +140,8 @@ class TrainingLog:
         self._epochs = self._step_table = self._tb = self._tb_steps = None
         if directory is None:
             return
-        os.makedirs(directory, exist_ok=True)
+        with os_errors("create the training log folder", directory):
+            os.makedirs(directory, exist_ok=True)
         steps_dir = os.path.join(directory, "steps")
         if first_epoch <= 1:  # a fresh start: nothing of an earlier run's logs stays
             for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")) + \
@@ -167,13 +205,14 @@ class TrainingLog:
                "lr": self._lr, "val_top1": None if val_top1 is None else float(val_top1),
                "img_per_s": round(self._images / seconds, 2) if seconds > 0 else None, "seconds": round(seconds, 4)}
         self._epochs.write(row)
-        if self._tb is not None:
-            for name in EPOCH_COLUMNS[1:]:
-                if row[name] is not None:
-                    self._tb.add_scalar(f"epoch/{name}", row[name], epoch)
-            self._tb.flush()
-        if self._tb_steps is not None:
-            self._tb_steps.flush()
+        with os_errors("write the TensorBoard log in", self.directory):
+            if self._tb is not None:
+                for name in EPOCH_COLUMNS[1:]:
+                    if row[name] is not None:
+                        self._tb.add_scalar(f"epoch/{name}", row[name], epoch)
+                self._tb.flush()
+            if self._tb_steps is not None:
+                self._tb_steps.flush()
 
     def close(self) -> None:
         for t in (self._epochs, self._step_table):

@@ -10,11 +10,13 @@ says which command makes them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
 
 from hello_fast import distributed
+from hello_fast._io import os_errors
 from hello_fast._progress import log
 from hello_fast._util import seed_everything
 from hello_fast.config import Config, save_config
@@ -38,6 +40,18 @@ def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+def _writes(method):
+    """The method writes the run directory: it holds the directory's lock (hello_fast/rundir.py) while it runs.
+
+    Taken before anything is read or written (the image check's cache, config.yaml) and held across the
+    stages of a distill; nested calls share the outer one's hold."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.run.lock():
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Pipeline:
     def __init__(self, cfg: Config, out: str, device: str | None = None, force: bool = False):
         self.cfg = cfg
@@ -53,8 +67,9 @@ class Pipeline:
     def _record_config(self) -> None:
         """Write the run's config.yaml once a stage is about to run on validated inputs."""
         if self.world.main:
-            os.makedirs(self.run.root, exist_ok=True)
-            save_config(self.cfg, self.run.path("config.yaml"))
+            with os_errors("write the run's config", self.run.path("config.yaml")):
+                os.makedirs(self.run.root, exist_ok=True)
+                save_config(self.cfg, self.run.path("config.yaml"))
 
     def _on_main(self, stage: str, work):
         """A stage that one process does (selection, refinement): rank 0 works, the others wait for its result."""
@@ -128,6 +143,7 @@ class Pipeline:
         return None
 
     # -- running a stage: the same for all five -----------------------------------------------
+    @_writes
     def _run(self, stage: str):
         """Each unit of `stage`: skip it when finished and current, else make its inputs current, seed, and run it
         in a run-directory transaction (rank 0 alone when the stage is not collective). Returns the summary
@@ -175,6 +191,7 @@ class Pipeline:
         """One student per label source (each its own resumable unit): {source: summary}."""
         return self._run("student")
 
+    @_writes
     def report(self, students: dict) -> dict:
         train, _ = self.data()
         storage = storage_report(self.cfg, train.num_classes, train.class_names)
@@ -202,6 +219,7 @@ class Pipeline:
             write_report(self.run, results)
         return results
 
+    @_writes
     def run_stage(self, stage: str):
         """One stage alone (its inputs must be finished and current)."""
         if stage not in STAGES:
@@ -211,6 +229,7 @@ class Pipeline:
             return self.report(students)
         return getattr(self, stage)()
 
+    @_writes
     def distill(self) -> dict:
         """All stages in order, skipping finished ones; then the report. Returns results.
 

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hello_fast import distributed
-from hello_fast._io import atomic_path
+from hello_fast._io import write_bytes
 from hello_fast._progress import log, progress
 from hello_fast.errors import HelloError
 
@@ -280,10 +280,10 @@ def _read_cache(path: str | None) -> tuple[np.ndarray, dict[int, str]]:
 def _write_cache(path: str, keys: np.ndarray, reasons: list[str | None]) -> None:
     good = np.sort(keys[[r is None for r in reasons]])
     bad_at = [i for i, r in enumerate(reasons) if r is not None]
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, version=np.array(_CACHE_VERSION), good=good, bad=keys[bad_at].astype(np.uint64),
-                     reasons=np.array([reasons[i] for i in bad_at], dtype=str).reshape(-1))
+    buffer = io.BytesIO()
+    np.savez(buffer, version=np.array(_CACHE_VERSION), good=good, bad=keys[bad_at].astype(np.uint64),
+             reasons=np.array([reasons[i] for i in bad_at], dtype=str).reshape(-1))
+    write_bytes(path, buffer.getbuffer(), "image-check cache")
 
 
 def _workers() -> int:
