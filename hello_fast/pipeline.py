@@ -207,7 +207,7 @@ class Pipeline:
             "students": {k: {m: v[m] for m in ("top1_last", "top1_best", "label_bytes")} for k, v in students.items()},
             "storage": {k: storage[k] for k in ("artifact_bytes", "artifact_dtype", "artifact_bytes_fp16", "artifact_bytes_int8",
                                                 "sre2l_soft_label_bytes", "teacher_bytes", "backbone", "backbone_bytes",
-                                                "backbone_downloaded")},
+                                                "backbone_kind", "backbone_downloaded")},
             "stages": stages,
             "distilled_dir": self.run.path(student.distilled_stage(self.cfg)),
         }

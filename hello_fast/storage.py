@@ -3,12 +3,15 @@
 - artifact: the exact bytes of the label-artifact file the projector stage would write (LoRA
   tensors + metadata), built from the real backbone architecture (weights not needed), in the
   configured dtype and in each of fp32, fp16 and int8 (one fp32 scale per output channel);
-- backbone: the public CLIP model the artifact runs on, downloaded once and shared by every
-  artifact and dataset: its weights at 2 bytes each (OpenAI publishes CLIP in half precision),
-  file headers not counted. Both towers count: the image tower makes every label, the text tower
-  rebuilds the zero-shot head from the class names (the artifact does not store it). The image
-  tower alone is reported beside it. A random-init backbone (the digits default) is rebuilt from
-  its seed: nothing to download, but its size is reported the same way;
+- backbone: the public model the artifact runs on, downloaded once and shared by every artifact
+  and dataset, file headers not counted. CLIP: its weights at 2 bytes each (OpenAI publishes CLIP
+  in half precision); both towers count: the image tower makes every label, the text tower
+  rebuilds the zero-shot head from the class names (the artifact does not store it); the image
+  tower alone is reported beside it. An image classifier (projector.backbone efficientnet_lite0,
+  timm:NAME, torchvision:NAME): its feature layers at 4 bytes each (timm and torchvision publish
+  fp32), its classifier layer not counted (the projector drops it). A random-init backbone (the
+  digits default) is rebuilt from its seed: nothing to download, but its size is reported the same
+  way;
 - SRe2L/FKD-style stored labels (Yin et al.): for every epoch and every augmented image, the fp16
   logits (C x 2 bytes), the crop coordinates (4 x fp32), the flip flag (1 byte) and the mix
   partner index (int64), plus per batch the mix lambda (fp32) and box (4 x int64);
@@ -22,6 +25,7 @@ import math
 import torch
 
 from hello_fast.data.sources import DIGIT_NAMES
+from hello_fast.models.classifier import RANDOM, load_classifier
 from hello_fast.models.clip import (
     architecture_sha256,
     expected_activation,
@@ -29,11 +33,18 @@ from hello_fast.models.clip import (
     template_strings,
 )
 from hello_fast.models.students import build_model
-from hello_fast.projector.artifact import DTYPES, artifact_bytes, artifact_metadata
-from hello_fast.projector.model import build_projector
+from hello_fast.projector.artifact import (
+    DTYPES,
+    artifact_bytes,
+    artifact_metadata,
+    artifact_tensors,
+)
+from hello_fast.projector.head import feature_dim
+from hello_fast.projector.model import build_projector, projector_image_size
 
 MIB = 2**20
 _PUBLISHED_BYTES_PER_WEIGHT = 2  # OpenAI's CLIP releases are fp16
+_CLASSIFIER_BYTES_PER_WEIGHT = 4  # timm's and torchvision's releases (and EfficientNet-Lite0's wheel) are fp32
 
 
 def sre2l_soft_label_bytes(num_images: int, num_classes: int, epochs: int, batch_size: int) -> int:
@@ -70,29 +81,58 @@ def _class_names(cfg, num_classes: int) -> tuple[list[str], bool]:
     return [f"class {i:04d}" for i in range(num_classes)], False
 
 
-def _artifact_sizes(cfg, num_classes: int, class_names: list[str]) -> dict:
-    """Bytes of the artifact this config would write, in each dtype, its LoRA parameters, and the backbone's size."""
+def _shape_backbone(cfg):
+    """The configured backbone's architecture with the identity its weights would give (weights not needed)."""
     pc = cfg.projector
-    # the architecture is what matters: a seeded random init has the same shapes and an equally long sha256
+    if pc.backbone != "clip":
+        # a seeded random init has the same shapes and an equally long sha256
+        backbone = load_classifier(pc.backbone, RANDOM)
+        backbone.pretrained = None if pc.pretrained is None else str(pc.pretrained).split("/")[-1]
+        return backbone
     backbone = load_clip(cfg.clip.model, None, cfg.clip.init_seed, calibrate=False)
     backbone.pretrained = cfg.clip.pretrained if cfg.clip.pretrained is None else str(cfg.clip.pretrained).split("/")[-1]
     backbone.activation = expected_activation(cfg.clip.model, cfg.clip.pretrained, cfg.clip.activation)
     backbone.arch_sha256 = architecture_sha256(cfg.clip.model, backbone.activation)
-    embed_dim = backbone.model.visual.output_dim
+    return backbone
+
+
+def _artifact_sizes(cfg, num_classes: int, class_names: list[str]) -> dict:
+    """Bytes of the artifact this config would write, in each dtype, its LoRA parameters, and the backbone's size."""
+    pc = cfg.projector
+    backbone = _shape_backbone(cfg)
+    size = projector_image_size(backbone, pc.image_size)
+    head_init = cfg.head_init
+    templates = template_strings(cfg.clip.templates) if head_init == "text" and backbone.has_text_tower else []
+    dim = feature_dim(backbone.visual, size)
     projector = build_projector(backbone, class_names, [], conv_rank=pc.conv_rank, head_rank=pc.head_rank,
-                                linear_rank=pc.linear_rank, alpha=pc.alpha, head_weight=torch.zeros(num_classes, embed_dim))
-    tensors = projector.lora_state_dict()
+                                linear_rank=pc.linear_rank, alpha=pc.alpha, head_weight=torch.zeros(num_classes, dim),
+                                image_size=size, feature_center=torch.zeros(dim) if head_init == "prototypes" else None)
+    tensors = artifact_tensors(projector, head_init)
     sizes = {}
     for dtype in DTYPES:
-        meta = artifact_metadata(projector, backbone, class_names, template_strings(cfg.clip.templates),
+        meta = artifact_metadata(projector, backbone, class_names, templates,
                                  conv_rank=pc.conv_rank, head_rank=pc.head_rank, linear_rank=pc.linear_rank,
-                                 alpha=pc.alpha, dtype=dtype)
+                                 alpha=pc.alpha, dtype=dtype, head_init=head_init, head_seed=cfg.seed)
         sizes[dtype] = len(artifact_bytes(tensors, meta))
+    per_weight = _PUBLISHED_BYTES_PER_WEIGHT if backbone.has_text_tower else _CLASSIFIER_BYTES_PER_WEIGHT
     return {
-        "artifact": sizes, "lora_parameters": sum(t.numel() for t in tensors.values()),
-        "backbone": weights_bytes(backbone.model), "image_tower": weights_bytes(backbone.model.visual),
+        "artifact": sizes, "lora_parameters": sum(t.numel() for k, t in tensors.items() if k.endswith((".lora_a", ".lora_b"))),
+        "backbone": weights_bytes(backbone.model, per_weight), "image_tower": weights_bytes(backbone.visual, per_weight),
+        "backbone_name": backbone.name, "bytes_per_weight": per_weight,
     }
 
+
+def _backbone_label(cfg) -> tuple[str, bool]:
+    """(what the backbone is, whether it is downloaded: False for a seeded random init)."""
+    pc = cfg.projector
+    if pc.backbone != "clip":
+        if pc.pretrained == RANDOM:
+            return f"{pc.backbone} (random init)", False
+        return f"{pc.backbone} ({pc.pretrained or 'published ImageNet weights'})", True
+    pretrained = cfg.clip.pretrained
+    if pretrained:
+        return f"{cfg.clip.model} ({pretrained})", True
+    return f"{cfg.clip.model} (random init, seed {cfg.clip.init_seed})", False
 
 
 def storage_report(cfg, num_classes: int | None = None, class_names: list[str] | None = None) -> dict:
@@ -109,7 +149,7 @@ def storage_report(cfg, num_classes: int | None = None, class_names: list[str] |
     sre2l = sre2l_soft_label_bytes(n_images, C, cfg.student.epochs, cfg.student.batch_size)
     tc = cfg.teachers
     teacher = teacher_bytes(tc.arch, C, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None)
-    pretrained = cfg.clip.pretrained
+    label, downloaded = _backbone_label(cfg)
     return {
         "config": cfg.name,
         "num_classes": C,
@@ -122,10 +162,13 @@ def storage_report(cfg, num_classes: int | None = None, class_names: list[str] |
         "artifact_bytes_int8": sizes["artifact"]["int8"],
         "artifact_lora_parameters": sizes["lora_parameters"],
         "artifact_metadata_exact": exact,
-        "backbone": f"{cfg.clip.model} ({pretrained})" if pretrained else f"{cfg.clip.model} (random init, seed {cfg.clip.init_seed})",
+        "backbone": label,
+        "backbone_kind": "clip" if cfg.projector.backbone == "clip" else "classifier",
         "backbone_bytes": sizes["backbone"],
         "backbone_image_tower_bytes": sizes["image_tower"],
-        "backbone_downloaded": bool(pretrained),
+        "backbone_bytes_per_weight": sizes["bytes_per_weight"],
+        "backbone_downloaded": downloaded,
+        "head_init": cfg.head_init,
         "sre2l_soft_label_bytes": sre2l,
         "teacher_bytes": teacher,
     }

@@ -73,6 +73,15 @@ class ClipBackbone:
     activation: str = "gelu"  # quick_gelu | gelu: the towers' GELU flavour
     arch_sha256: str = ""  # sha256 of the open_clip architecture config the model was built from
 
+    has_text_tower = True  # the zero-shot head comes from the text tower (projector.head_init text)
+
+    @property
+    def visual(self) -> torch.nn.Module:
+        return self.model.visual
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.pretrained or 'random init'}, {self.activation}, sha256 {self.weights_sha256[:12]}…)"
+
     @property
     def identity(self) -> dict:
         ident = {"model": self.name, "pretrained": self.pretrained, "weights_sha256": self.weights_sha256,

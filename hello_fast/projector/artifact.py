@@ -2,14 +2,16 @@
 
 What is stored: every LoRA A and B, in fp32, fp16, or int8 with one fp32 scale per output channel
 (row) of each matrix (`<layer>.lora_a.scale`: symmetric, scale = max|row| / 127); and as metadata
-the backbone (open_clip name, weights source, activation, sha256 of its architecture config and of
-its weights), the class names in order, the prompt templates, the ranks and scale, CLIP's
-normalisation and resolution, the tensors' dtype, a sha256 of the stored tensors, and the format
-version. The head's base weight is not stored: it is CLIP's zero-shot classifier, rebuilt from the
-backbone's text tower and the class names. Loading checks all of it and refuses, with a clear
-message, files that are truncated, foreign, tampered with, or made for another backbone function
+the backbone (CLIP: open_clip name, weights source, activation; a classifier: `kind: classifier`,
+its name and weights source; both: a sha256 of the architecture and one of the weights), the class
+names in order, the prompt templates, how the head started (`head_init`), the ranks and scale, the
+tower's normalisation and resolution, the tensors' dtype, a sha256 of the stored tensors, and the
+format version. The head's base weight is stored only when it came from the training data
+(head_init prototypes: `head.weight` and the feature centre `head.center`): CLIP's zero-shot head is rebuilt from the text tower and the
+class names, a random head from its seed. Loading checks all of it and refuses, with a clear
+message, files that are truncated, foreign, tampered with, or made for another backbone
 (weights, architecture or activation) or other classes; fp16 and int8 tensors come back as fp32.
-Format 1 (fp32 only, no activation record) is still read.
+Formats 1 (fp32 only, no activation record) and 2 (CLIP only) are still read.
 """
 from __future__ import annotations
 
@@ -22,11 +24,16 @@ import torch
 from hello_fast import __version__
 from hello_fast._io import atomic_path
 from hello_fast.errors import HelloError
+from hello_fast.models.classifier import load_classifier
 from hello_fast.models.clip import expected_activation, load_clip
+from hello_fast.projector.head import random_head_weight
 from hello_fast.projector.model import build_projector
 
 FORMAT = "hello_fast.label_artifact"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: classifier backbones, head_init and a stored prototype head
+HEAD_WEIGHT = "head.weight"  # the head's base weight (C, d), stored for head_init prototypes only
+HEAD_CENTER = "head.center"  # the feature centre (d,) subtracted before normalising, with it
+PROTOTYPE_TENSORS = (HEAD_WEIGHT, HEAD_CENTER)
 DTYPES = ("fp32", "fp16", "int8")
 _INT8_MAX = 127
 # all metadata is one sorted JSON document under this key: safetensors keeps metadata in a hash
@@ -46,7 +53,7 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def artifact_metadata(projector, backbone, class_names, templates, *, conv_rank, head_rank, linear_rank, alpha,
-                      dtype: str = "fp32", extra=None) -> dict:
+                      dtype: str = "fp32", head_init: str = "text", head_seed: int | None = None, extra=None) -> dict:
     if dtype not in DTYPES:
         raise HelloError(f"artifact dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     meta = {
@@ -61,14 +68,26 @@ def artifact_metadata(projector, backbone, class_names, templates, *, conv_rank,
         "alpha": alpha,
         "mean": list(backbone.mean),
         "std": list(backbone.std),
-        "image_size": backbone.image_size,
+        "image_size": projector.image_size,
         "logit_scale": backbone.logit_scale,
         "dtype": dtype,
+        "head_init": head_init,
         "created_by": f"hello_fast {__version__}",
     }
+    if head_init == "random":
+        meta["head_seed"] = head_seed
     if extra:
         meta.update(extra)
     return meta
+
+
+def artifact_tensors(projector, head_init: str) -> dict[str, torch.Tensor]:
+    """What the artifact stores of a projector: its LoRA tensors, and the head's base weight when it came from data."""
+    tensors = projector.lora_state_dict()
+    if head_init == "prototypes":
+        tensors[HEAD_WEIGHT] = projector.head.base_weight.detach().float().cpu().contiguous()
+        tensors[HEAD_CENTER] = projector.feature_center.detach().float().cpu().contiguous()
+    return tensors
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +177,7 @@ def read_artifact(path: str, decode: bool = True) -> tuple[dict[str, torch.Tenso
     if tensors_sha256(tensors) != meta["tensors_sha256"]:
         raise HelloError(f"{path}: the LoRA tensors do not match the checksum in the metadata (corrupted or edited)")
     meta.setdefault("dtype", "fp32")  # format 1 stored fp32 only
+    meta.setdefault("head_init", "text")  # formats 1-2: CLIP's text head only
     _check_consistency(path, tensors, meta)
     return (decode_tensors(tensors, meta["dtype"]) if decode else tensors), meta
 
@@ -184,13 +204,24 @@ def _check_consistency(path, tensors, meta) -> None:
         raise HelloError(f"{path}: the artifact has no head LoRA tensors")
     if b.shape[0] != len(names) or a.shape[0] != meta["head_rank"] or b.shape[1] != meta["head_rank"]:
         raise HelloError(f"{path}: head LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {len(names)} classes at rank {meta['head_rank']}")
+    head_init = meta["head_init"]
+    if head_init not in ("text", "prototypes", "random"):
+        raise HelloError(f"{path}: unknown head_init {head_init!r}")
+    for key, shape in ((HEAD_WEIGHT, (len(names), a.shape[1])), (HEAD_CENTER, (a.shape[1],))):
+        t = tensors.get(key)
+        if (t is not None) != (head_init == "prototypes"):
+            raise HelloError(f"{path}: a {head_init} head {'lacks' if t is None else 'must not store'} {key}")
+        if t is not None and tuple(t.shape) != shape:
+            raise HelloError(f"{path}: {key} is {tuple(t.shape)}, the head needs {shape}")
+    if head_init == "random" and not isinstance(meta.get("head_seed"), int):
+        raise HelloError(f"{path}: a random head needs its integer head_seed")
     for key, t in sorted(tensors.items()):
-        if dtype == "int8" and key.endswith((".lora_a.scale", ".lora_b.scale")):
+        if dtype == "int8" and key.endswith((".lora_a.scale", ".lora_b.scale", *(f"{k}.scale" for k in PROTOTYPE_TENSORS))):
             base = tensors.get(key[: -len(".scale")])
             if base is None or t.dtype != torch.float32 or tuple(t.shape) != (base.shape[0],):
                 raise HelloError(f"{path}: int8 scale {key} does not fit its tensor (one fp32 scale per row)")
             continue
-        if not (key.endswith(".lora_a") or key.endswith(".lora_b")):
+        if not (key.endswith(".lora_a") or key.endswith(".lora_b") or key in PROTOTYPE_TENSORS):
             raise HelloError(f"{path}: unexpected tensor {key} in a label artifact")
         if t.dtype != _TORCH_DTYPES[dtype]:
             raise HelloError(f"{path}: tensor {key} is {t.dtype}, the metadata says {dtype}")
@@ -218,32 +249,30 @@ def _recorded_activation(ident: dict) -> str:
     return expected_activation(ident["model"], tag if is_tag else None)
 
 
-def _check_backbone(path: str, ident: dict, backbone, activation: str) -> None:
-    def given() -> str:
-        return f"{backbone.name} ({backbone.pretrained or 'random init'}, {backbone.activation}, sha256 {backbone.weights_sha256[:12]}…)"
-
-    if backbone.name != ident["model"]:
-        raise HelloError(f"{path} was trained on backbone {ident['model']} but the backbone given is {given()}")
-    if backbone.activation != activation:
+def _check_backbone(path: str, ident: dict, backbone, activation: str | None) -> None:
+    """Refuse a backbone other than the artifact's (kind, name, activation, architecture, weights), naming both."""
+    kind = ident.get("kind", "clip")
+    recorded = f"{ident['model']} ({ident.get('pretrained') or ('published weights' if kind == 'classifier' else 'random init')}, " \
+               f"sha256 {ident['weights_sha256'][:12]}…)"
+    if backbone.name != ident["model"] or backbone.has_text_tower != (kind == "clip"):
+        raise HelloError(f"{path} was trained on backbone {recorded} but the backbone given is {backbone.describe()}")
+    if kind == "clip" and backbone.activation != activation:
         raise HelloError(
             f"{path} was trained on {ident['model']} running {activation} but the backbone given runs {backbone.activation}: "
             f"its text head and features are another function of the same weights (load it with clip.activation={activation})"
         )
     if ident.get("arch_sha256") and backbone.arch_sha256 != ident["arch_sha256"]:
-        raise HelloError(f"{path} was trained on backbone {ident['model']} built from another architecture config "
+        raise HelloError(f"{path} was trained on backbone {ident['model']} built from another architecture "
                          f"(sha256 {ident['arch_sha256'][:12]}…) than the backbone given ({backbone.arch_sha256[:12]}…)")
     if backbone.weights_sha256 != ident["weights_sha256"]:
-        raise HelloError(
-            f"{path} was trained on backbone {ident['model']} ({ident.get('pretrained') or 'random init'}, "
-            f"sha256 {ident['weights_sha256'][:12]}…) but the backbone given is {given()}"
-        )
+        raise HelloError(f"{path} was trained on backbone {recorded} but the backbone given is {backbone.describe()}")
 
 
 def load_projector(path: str, *, num_classes: int | None = None, backbone=None, clip_pretrained: str | None = None,
                    device="cpu"):
-    """Rebuild the projector of a label artifact on its CLIP backbone.
+    """Rebuild the projector of a label artifact on its backbone (CLIP or an image classifier).
 
-    `backbone`: an already loaded ClipBackbone to reuse (it must be the artifact's); otherwise the
+    `backbone`: an already loaded backbone to reuse (it must be the artifact's); otherwise the
     backbone is loaded by the artifact's name and weights source, or from `clip_pretrained` (a tag
     or a local checkpoint file) when the original file is elsewhere on this machine. The weights'
     sha256 must match the artifact's; `num_classes`, when given, must match too.
@@ -253,15 +282,23 @@ def load_projector(path: str, *, num_classes: int | None = None, backbone=None, 
     ident = meta["backbone"]
     if num_classes is not None and num_classes != len(meta["class_names"]):
         raise HelloError(f"{path} labels {len(meta['class_names'])} classes but the data has {num_classes}")
-    activation = _recorded_activation(ident)
+    classifier = ident.get("kind") == "classifier"
+    activation = None if classifier else _recorded_activation(ident)
     if backbone is None:
         source = clip_pretrained if clip_pretrained is not None else ident.get("pretrained")
-        backbone = load_clip(ident["model"], source, init_seed=ident.get("init_seed") or 0, device=device,
-                             activation=activation)
+        if classifier:
+            backbone = load_classifier(ident["model"], source, device=device)
+        else:
+            backbone = load_clip(ident["model"], source, init_seed=ident.get("init_seed") or 0, device=device,
+                                 activation=activation)
     _check_backbone(path, ident, backbone, activation)
+    head_weight, center = tensors.pop(HEAD_WEIGHT, None), tensors.pop(HEAD_CENTER, None)
+    if meta["head_init"] == "random":
+        head_weight = random_head_weight(len(meta["class_names"]), tensors["head.lora_a"].shape[1], meta["head_seed"])
     projector = build_projector(
         backbone, meta["class_names"], meta["templates"], conv_rank=meta["conv_rank"], head_rank=meta["head_rank"],
-        linear_rank=meta["linear_rank"], alpha=meta["alpha"], device=device,
+        linear_rank=meta["linear_rank"], alpha=meta["alpha"], device=device, head_weight=head_weight,
+        image_size=meta["image_size"], feature_center=center,
     )
     try:
         projector.load_lora_state_dict(tensors)
@@ -273,7 +310,7 @@ def load_projector(path: str, *, num_classes: int | None = None, backbone=None, 
 def describe(path: str) -> dict:
     """What `hello-fast inspect` prints: metadata, size and parameter counts of a validated artifact."""
     stored, meta = read_artifact(path, decode=False)
-    tensors = {k: t for k, t in stored.items() if not k.endswith(".scale")}
+    tensors = {k: t for k, t in stored.items() if not k.endswith(".scale") and k not in PROTOTYPE_TENSORS}
     head = sum(t.numel() for k, t in tensors.items() if k.startswith("head."))
     tower = sum(t.numel() for k, t in tensors.items() if not k.startswith("head."))
     return {
@@ -290,6 +327,8 @@ def describe(path: str) -> dict:
         "alpha": meta["alpha"],
         "dtype": meta["dtype"],
         "lora_layers": len(tensors) // 2,
+        "head_init": meta["head_init"],
+        "stored_head": sum(int(stored[k].numel()) for k in PROTOTYPE_TENSORS if k in stored),
         "parameters": {"tower": tower, "head": head, "total": tower + head},
         "image_size": meta["image_size"],
         "mean": meta["mean"],

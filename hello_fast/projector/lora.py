@@ -4,6 +4,8 @@ The peft convention: A (r, in) is initialised like a linear layer's weight, B (o
 an untrained adapter leaves the backbone exactly as it was; scale = alpha / r (1 when alpha is None).
 A conv's A is itself a conv with the base's kernel, stride and padding (r x in x kh x kw) and its B
 a 1x1 conv, so B(A(x)) is the conv with weight B @ A and merges into the base weight exactly.
+A conv class with its own forward (timm's TF-"same" `Conv2dSame` pads by the input's size) runs
+A through that forward too, so both branches pad alike and the merge stays exact.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from hello_fast.ops.lora_linear import lora_linear
 
@@ -37,6 +40,7 @@ class LoRAConv2d(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_channels, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.merged = False
+        self._own_forward = type(base).forward is not nn.Conv2d.forward  # pads (or more) in its own forward
 
     def delta_weight(self) -> torch.Tensor:
         r = self.rank
@@ -47,7 +51,11 @@ class LoRAConv2d(nn.Module):
         if self.merged:
             return y
         b = self.base
-        h = F.conv2d(x, self.lora_a.to(x.dtype), None, b.stride, b.padding, b.dilation)
+        a = self.lora_a.to(x.dtype)
+        if self._own_forward:  # the base's forward with A as its weight (and no bias)
+            h = functional_call(b, {"weight": a, **({"bias": None} if b.bias is not None else {})}, (x,))
+        else:
+            h = F.conv2d(x, a, None, b.stride, b.padding, b.dilation)
         return y + self.scale * F.conv2d(h, self.lora_b.to(x.dtype)[:, :, None, None])
 
     @torch.no_grad()

@@ -1,6 +1,8 @@
 """Stage 2: train the LoRA projector on the original set and write the label artifact (HeLlO Sec. 3.2-3.3).
 
-The head starts as CLIP's zero-shot classifier (normalised text embeddings of the class prompts);
+The head starts as CLIP's zero-shot classifier (normalised text embeddings of the class prompts),
+or on a backbone without a text tower as the class prototypes of the training images (one pass,
+its cost logged) or a seeded random head (projector.head_init);
 LoRA on every conv of the image tower (and on the head) is trained with Eq. 5,
 MSE(projector(x), mean of the weak teachers' logits on x) + lambda * CE(projector(x), y),
 on the same augmented images for the teachers (ImageNet normalisation) and the projector (CLIP's).
@@ -8,6 +10,7 @@ on the same augmented images for the teachers (ImageNet normalisation) and the p
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +21,24 @@ from hello_fast._util import Normalize
 from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
 from hello_fast.logs import TrainingLog
-from hello_fast.models.clip import load_clip, template_strings
+from hello_fast.models.backbone import load_backbone
+from hello_fast.models.clip import template_strings
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
-from hello_fast.projector.artifact import artifact_metadata, save_artifact
-from hello_fast.projector.model import build_projector
+from hello_fast.projector.artifact import (
+    artifact_metadata,
+    artifact_tensors,
+    save_artifact,
+)
+from hello_fast.projector.head import (
+    feature_dim,
+    prototype_head,
+    random_head_weight,
+)
+from hello_fast.projector.model import (
+    build_projector,
+    normalize_images,
+    projector_image_size,
+)
 from hello_fast.stages.contract import Stage, StageInputs
 from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
@@ -48,6 +65,28 @@ def projector_top1(projector, val_set, cfg, device) -> float:
     return 100.0 * correct / max(total, 1)
 
 
+def initial_head(cfg, backbone, train_set, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(head weight, feature centre) for cfg's head_init: (None, None) for text (CLIP's head, built with the
+    projector), (W, m) for prototypes, (W, None) for random."""
+    head_init = cfg.head_init
+    if head_init == "text":
+        return None, None
+    size = projector_image_size(backbone, cfg.projector.image_size)
+    if head_init == "random":
+        return random_head_weight(train_set.num_classes, feature_dim(backbone.visual, size), cfg.seed), None
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    start = time.perf_counter()
+    passes = ((images.to(device), labels) for images, labels, _ in
+              batches(train_set, size=cfg.data.image_size, batch_size=256, train=False, num_workers=cfg.data.num_workers,
+                      loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize))
+    weight, center = prototype_head(backbone.visual, passes, lambda x: normalize_images(x, mean, std, size),
+                                    train_set.num_classes)
+    log(f"projector: prototype head from {len(train_set):,} training images at {size} px in "
+        f"{time.perf_counter() - start:.1f} s ({weight.shape[0]} classes x {weight.shape[1]} features)")
+    return weight, center
+
+
 def train_projector(inputs: StageInputs, out: str) -> dict:
     """Train the LoRA projector on the weak teachers' averaged logits (Eq. 5) and write the label artifact into `out`."""
     cfg, device = inputs.cfg, inputs.device
@@ -55,12 +94,19 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
     train_set, val_set = inputs.data()
     class_names = train_set.class_names
     templates = template_strings(cfg.clip.templates)
-    backbone = load_clip(cfg.clip.model, cfg.clip.pretrained, cfg.clip.init_seed, device=device, activation=cfg.clip.activation)
-    log(f"projector: CLIP {backbone.name} ({backbone.pretrained or f'random init, seed {cfg.clip.init_seed}'}, {backbone.activation}), "
-        f"head from {len(templates)} prompt templates x {len(class_names)} classes")
+    backbone = load_backbone(cfg, device)
+    head_init = cfg.head_init
+    if backbone.has_text_tower:
+        log(f"projector: CLIP {backbone.name} ({backbone.pretrained or f'random init, seed {cfg.clip.init_seed}'}, {backbone.activation}), "
+            f"head {head_init}" + (f" from {len(templates)} prompt templates x {len(class_names)} classes" if head_init == "text" else ""))
+    else:
+        templates = []  # no text tower: no prompts
+        log(f"projector: {backbone.describe()}, head {head_init}")
+    head_weight, center = initial_head(cfg, backbone, train_set, device)
     torch.manual_seed(cfg.seed)
     projector = build_projector(backbone, class_names, templates, conv_rank=pc.conv_rank, head_rank=pc.head_rank,
-                                linear_rank=pc.linear_rank, alpha=pc.alpha, device=device)
+                                linear_rank=pc.linear_rank, alpha=pc.alpha, device=device, head_weight=head_weight,
+                                image_size=pc.image_size, feature_center=center)
     teachers = load_teachers(inputs.run, device)
     teacher_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     params = projector.lora_parameters()
@@ -111,10 +157,10 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
     tlog.close()
     meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
                              head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha,
-                             dtype=pc.artifact_dtype)
+                             dtype=pc.artifact_dtype, head_init=head_init, head_seed=cfg.seed)
     summary["lora_parameters"] = sum(p.numel() for p in params)
     if distributed.world().main:
-        nbytes = save_artifact(os.path.join(out, ARTIFACT), projector.lora_state_dict(), meta)
+        nbytes = save_artifact(os.path.join(out, ARTIFACT), artifact_tensors(projector, head_init), meta)
         summary["artifact_bytes"] = nbytes
         log(f"projector: label artifact {nbytes:,} bytes ({summary['lora_parameters']:,} LoRA parameters)")
     return summary

@@ -21,7 +21,8 @@ def results_table(results: dict) -> str:
         rows.append(("RDED teacher", "-", "-", f"{st['teacher_bytes']:,} ({format_bytes(st['teacher_bytes'])})"))
         if "backbone_bytes" in st:  # shared by every artifact: downloaded once (0 to ship for a seeded random init)
             once = "public, once" if st.get("backbone_downloaded") else "seeded, not shipped"
-            rows.append((f"CLIP backbone ({once})", "-", "-", f"{st['backbone_bytes']:,} ({format_bytes(st['backbone_bytes'])})"))
+            what = "CLIP backbone" if st.get("backbone_kind", "clip") == "clip" else f"backbone {st['backbone'].split(' (')[0]}"
+            rows.append((f"{what} ({once})", "-", "-", f"{st['backbone_bytes']:,} ({format_bytes(st['backbone_bytes'])})"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

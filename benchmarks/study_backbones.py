@@ -1,0 +1,62 @@
+"""Projector backbones compared over student seeds: does a real prior (EfficientNet-Lite0's ImageNet weights) label better than a random CLIP?
+
+Takes a run whose teachers and selection are finished; for each variant (a name and projector
+overrides) it trains the projector on the same weak teachers in its own copy of the run, refines
+the same selected images with it, and trains one student per (label source, student seed).
+Results: backbones_<config>[_<tag>].json/.csv (every student with its label bytes, the projector's
+zero-shot and final val top-1 and its training time; mean and spread per variant and source).
+
+    python benchmarks/study_backbones.py --run runs/mnist5k --seeds 0 1 2 \\
+        --variant clip_random \\
+        --variant lite0_prototypes projector.backbone=efficientnet_lite0 projector.head_init=prototypes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import RESULTS_DIR, write  # noqa: E402
+from study_small_images import run_variant, summarise  # noqa: E402
+
+from hello_fast.config import load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a run directory with finished teachers and select stages")
+    p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
+                   help="a variant: its name, then projector overrides (repeatable)")
+    p.add_argument("--sources", nargs="+", default=["hard", "teacher", "projector"], help="label sources")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    p.add_argument("--eval-every", type=int, default=10, help="student epochs between evaluations (the last always)")
+    p.add_argument("--work", default=None, help="where the variants' run copies go (default: a temporary folder)")
+    p.add_argument("--tag", default="", help="results file name suffix: backbones_<config>_<tag>")
+    p.add_argument("--out", default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    name = load_config(os.path.join(args.run, "config.yaml")).name
+    work = args.work or tempfile.mkdtemp(prefix="backbones_")
+    rows = []
+    for variant in args.variant:
+        rows += run_variant(args.run, work, variant[0], variant[1:], args.sources, args.seeds, args.eval_every,
+                            reuse=("teachers", "select"))
+        summary = summarise(rows)  # written after every variant: an interrupted study keeps what it measured
+        projectors = {r["variant"]: {k: r[k] for k in ("projector_zero_shot_top1", "projector_top1", "projector_seconds")}
+                      for r in rows}
+        write(f"backbones_{name}" + (f"_{args.tag}" if args.tag else ""), rows,
+              {"run": os.path.abspath(args.run), "seeds": args.seeds, "summary": summary, "projectors": projectors},
+              args.out)
+    for s in summary:
+        sd = f" ± {s['top1_last_sd']:.1f}" if s["top1_last_sd"] is not None else ""
+        print(f"{s['variant']:>18} {s['source']:>9}: top-1 last {s['top1_last_mean']:.1f}{sd} (best {s['top1_best_mean']:.1f}), "
+              f"{s['label_bytes']:,} label bytes [{s['overrides'] or 'the config as it is'}]")
+    for v, pr in projectors.items():
+        print(f"{v:>18} projector: zero-shot {pr['projector_zero_shot_top1']}, trained {pr['projector_top1']} % val top-1, "
+              f"{pr['projector_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
