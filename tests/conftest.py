@@ -94,12 +94,93 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# Out of the fast tier (`python -m pytest -m "not slow"`), with why: a module (every case) or one case by its
+# name (all its parameters) or with its parameters. Slow is: starting a process (a new interpreter imports torch: 3-7 s on 2 cores),
+# a whole distill (more than the one shared tiny run), a compile (nvcc, Triton AOT, C++ build, torch.compile),
+# or a case of many seconds by itself. Cases may also carry @pytest.mark.slow in their file.
+SLOW = {
+    "test_bad_data.py": "distill processes on fuzzed folders",
+    "test_benchmark_scripts.py": "benchmark scripts as processes",
+    "test_benchmarks.py": "pytest-benchmark entries (timings, not behaviour)",
+    "test_build.py": "builds the extension (setup.py, CMake, ctest)",
+    "test_cuda_emulated.py": "compiles the CUDA sources for the SIMT emulation",
+    "test_digits_default.py": "the default digits run",
+    "test_distributed.py": "torchrun processes",
+    "test_extension.py": "interpreters without the extension",
+    "test_gpu_static.py": "compiles the Triton kernels ahead of time",
+    "test_relabeler_example.py": "the examples as processes",
+    "test_resume.py": "distill processes, killed and rerun",
+    "test_cli.py::test_help_explains": "an interpreter per subcommand",
+    "test_cli.py::test_console_script_is_the_same_command": "the console script as a process",
+    "test_cli.py::test_bad_inputs_give_one_line_errors": "the first error case as a process (the user's path)",
+    "test_cli.py::test_inspect_prints_and_validates": "inspect as a process",
+    "test_cli.py::test_distill_from_the_cli_on_a_folder": "a distill process on a JPEG folder",
+    "test_cli.py::test_student_with_another_artifact": "a second distill (4 classes)",
+    "test_cli.py::test_a_class_count_the_data_does_not_have_is_refused": "the student stage as a process",
+    "test_custom_ops.py::test_without_the_extension_the_ops_are_declared_from_python": "an interpreter without the extension",
+    "test_custom_ops.py::test_torch_compile_sees_each_op_as_one_node": "torch.compile",
+    "test_custom_ops.py::test_compiled_range_checks_still_refuse": "torch.compile",
+    "test_dali.py::test_distill_on_a_folder_with_the_dali_loader": "a distill process",
+    "test_dali.py::test_student_trains_with_the_dali_backend": "students trained through DALI",
+    "test_data.py::test_a_decoder_crash_inside_the_check_is_a_verdict": "worker processes that crash",
+    "test_imports.py::test_every_module_imports_first": "a fresh interpreter",
+    "test_imports.py::test_the_fresh_import_check_fails_on_a_broken_copy": "a fresh interpreter",
+    "test_logs.py::test_a_killed_stage_rerun_logs_each_epoch_once": "teacher processes, killed and rerun",
+    # the Triton interpreter on 2049-row and 1024x1271 problems (7-30 s each); the other odd shapes stay
+    "test_lora_linear.py::test_triton_forward_and_backward_match_float64[lead3-45-1271-128-True-False]": "interpreter",
+    "test_lora_linear.py::test_triton_forward_and_backward_match_float64[lead4-1024-1271-128-False-True]": "interpreter",
+    "test_lora_linear.py::test_triton_forward_and_backward_match_float64[lead6-1024-37-5-True-False]": "interpreter",
+    "test_observer.py::test_full_observer_trains_on_and_keeps_the_final_network": "a teacher run to the full observer",
+    "test_projector.py::test_inject_lora_wraps_every_conv_of_rn50_with_the_papers_parameter_count": "a full-size RN50",
+    "test_relabel_mix.py::test_from_a_finished_run": "a relabeling pass over a finished run",
+    "test_relabel_mix.py::test_under_torch_compile": "torch.compile",
+    "test_run_safety.py::test_a_forked_worker_that_outlives_its_killed_holder_does_not_keep_the_lock": "processes",
+    "test_run_safety.py::test_the_lock_is_reentrant_in_its_process_and_released_after": "a second process",
+    "test_run_safety.py::test_a_read_only_filesystem_is_one_line": "mount",
+    "test_run_safety.py::test_a_refused_training_log_write_is_one_line_and_nothing_more": "a process with a file-size limit",
+    "test_safe_loading.py::test_malicious_resume_checkpoint_stops_the_cli_cleanly": "the projector stage as a process",
+    "test_soft_label_loss.py::test_opcheck_and_compile": "torch.compile (inductor builds C++)",
+    "test_stages.py::test_stages_learn_on_procedural_data": "a distill long enough to learn",
+    "test_stages.py::test_rerun_skips_finished_stages_and_redoes_stale_ones": "a second distill",
+    "test_stages.py::test_same_seed_same_result": "a second distill",
+    "test_storage.py::test_storage_cli_json": "the command as a process",
+    "test_storage.py::test_storage_benchmark_writes_its_results": "the benchmark script as a process",
+    "test_student_loop.py::test_fast_and_plain_loops_reach_the_same_results": "two distills",
+}
+
+
+def _slow_reason(item) -> str | None:
+    module = item.path.name
+    return (SLOW.get(module) or SLOW.get(f"{module}::{getattr(item, 'originalname', item.name)}")
+            or SLOW.get(f"{module}::{item.name}"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU cases skip without CUDA (the `gpu` mark selects; a skipif object in its place selected nothing)."""
+    """Marks the SLOW cases `slow`; GPU cases skip without CUDA (the `gpu` mark selects: a skipif object in its
+    place selected nothing). Runs once per conftest that holds it (benchmarks' imports this one): idempotent."""
     no_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if item.get_closest_marker("slow") is None and _slow_reason(item):
+            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
             item.add_marker(no_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In a run that leaves out `slow` (the fast tier), a case that starts a process fails, naming SLOW: so the
+    tier stays fast as cases are added."""
+    if request.node.get_closest_marker("slow") is None and "not slow" in (request.config.option.markexpr or ""):
+        refuse_processes(request.node.nodeid, monkeypatch)
+
+
+def refuse_processes(nodeid: str, monkeypatch) -> None:
+    """subprocess.Popen (and so run, check_output...) raises, naming the case and where to list it, until monkeypatch undoes it."""
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"{nodeid} starts a process ({args!r:.120}) in the fast tier: list it in SLOW in "
+                             "tests/conftest.py or mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 gpu = pytest.mark.gpu  # `pytest -m gpu` selects these; without CUDA they skip (pytest_collection_modifyitems)
