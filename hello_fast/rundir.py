@@ -150,6 +150,8 @@ class RunDir:
                     os.close(entry[0])
 
     def _take_lock(self) -> int | None:
+        """The locked descriptor of RUN/.lock (None where the filesystem cannot lock). The holder never opens the
+        file a second time: on NFS flock is a POSIX lock, which closing any descriptor of the file releases."""
         path = self.path(LOCK_NAME)
         with os_errors("create the run directory's lock file", path):
             os.makedirs(self.root, exist_ok=True)
@@ -169,10 +171,11 @@ class RunDir:
             return None
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
                          "since": time.time(), "world_size": distributed.world().size}).encode()
-        try:
+        try:  # (fsync: a command on another NFS client opens the file after this and reads the server's copy)
             with os_errors("write the run directory's lock file", path):
                 os.pwrite(fd, me, 0)
                 os.ftruncate(fd, len(me))
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
