@@ -94,10 +94,11 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-# Out of the fast tier (`python -m pytest -m "not slow"`), with why: a module (every case) or one case by its
-# name (all its parameters) or with its parameters. Slow is: starting a process (a new interpreter imports torch: 3-7 s on 2 cores),
-# a whole distill (more than the one shared tiny run), a compile (nvcc, Triton AOT, C++ build, torch.compile),
-# or a case of many seconds by itself. Cases may also carry @pytest.mark.slow in their file.
+# Out of the fast tier (`python -m pytest -m "not slow"`), with why: a module (every case), a case by its name
+# (every parameter) or with its parameters, or (SLOW_FIXTURES) the cases using a fixture. Slow is: starting a
+# process (a new interpreter imports torch: 3-7 s on 2 cores), a distill or stage run beyond the one shared tiny
+# run, a compile (nvcc, Triton AOT, C++ build, torch.compile), full-size networks, or many seconds alone.
+# Cases may also carry @pytest.mark.slow in their file.
 SLOW = {
     "test_bad_data.py": "distill processes on fuzzed folders",
     "test_benchmark_scripts.py": "benchmark scripts as processes",
@@ -122,6 +123,7 @@ SLOW = {
     "test_custom_ops.py::test_compiled_range_checks_still_refuse": "torch.compile",
     "test_dali.py::test_distill_on_a_folder_with_the_dali_loader": "a distill process",
     "test_dali.py::test_student_trains_with_the_dali_backend": "students trained through DALI",
+    "test_backbones.py::test_lite0_carries_a_real_imagenet_prior": "EfficientNet-Lite0 on a full-size photograph",
     "test_data.py::test_a_decoder_crash_inside_the_check_is_a_verdict": "worker processes that crash",
     "test_imports.py::test_every_module_imports_first": "a fresh interpreter",
     "test_imports.py::test_the_fresh_import_check_fails_on_a_broken_copy": "a fresh interpreter",
@@ -143,16 +145,27 @@ SLOW = {
     "test_stages.py::test_stages_learn_on_procedural_data": "a distill long enough to learn",
     "test_stages.py::test_rerun_skips_finished_stages_and_redoes_stale_ones": "a second distill",
     "test_stages.py::test_same_seed_same_result": "a second distill",
+    "test_stages.py::test_students_by_name": "the student stage once per torchvision architecture",
+    "test_storage.py::test_imagenet1k_ipc10_matches_the_paper": "full-size CLIP RN50 models, built to be counted",
+    "test_storage.py::test_other_presets_match_the_papers_table_1": "full-size CLIP RN50 models, built to be counted",
+    "test_storage.py::test_backbone_and_compact_artifact_sizes": "full-size CLIP RN50 models, built to be counted",
     "test_storage.py::test_storage_cli_json": "the command as a process",
     "test_storage.py::test_storage_benchmark_writes_its_results": "the benchmark script as a process",
     "test_student_loop.py::test_fast_and_plain_loops_reach_the_same_results": "two distills",
+    "test_student_loop.py::test_stored_source_in_the_pipeline": "the student stage with stored labels",
+    "test_student_loop.py::test_bench_baselines_build_their_own_labelers": "every benchmark baseline's labeler",
+}
+# cases that use one of these fixtures
+SLOW_FIXTURES = {
+    "rn50": "a full-size CLIP RN50 (100 M weights) written and read in each published form",
 }
 
 
 def _slow_reason(item) -> str | None:
     module = item.path.name
     return (SLOW.get(module) or SLOW.get(f"{module}::{getattr(item, 'originalname', item.name)}")
-            or SLOW.get(f"{module}::{item.name}"))
+            or SLOW.get(f"{module}::{item.name}")
+            or next((why for name, why in SLOW_FIXTURES.items() if name in getattr(item, "fixturenames", ())), None))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,10 +14,11 @@ POPEN_INIT = subprocess.Popen.__init__  # before any case patches it
 class _Item:
     """What the collection hook reads and writes of a pytest item."""
 
-    def __init__(self, nodeid: str, *marks):
+    def __init__(self, nodeid: str, *marks, fixtures=()):
         path, _, name = nodeid.partition("::")
         self.path, self.name, self.originalname = ROOT / path, name, name.split("[")[0]
         self.marks = [m.mark for m in marks]
+        self.fixturenames = ["request", *fixtures]
 
     def get_closest_marker(self, name):
         return next((m for m in self.marks if m.name == name), None)
@@ -36,10 +37,12 @@ def test_slow_marks_by_module_by_case_and_by_parameters():
              _Item("tests/test_lora_linear.py::test_triton_forward_and_backward_match_float64[lead3-45-1271-128-True-False]"),
              _Item("tests/test_lora_linear.py::test_triton_forward_and_backward_match_float64[lead0-45-37-1-True-False]"),
              _Item("tests/test_config.py::test_anything"),
-             _Item("tests/test_config.py::test_marked_in_its_file", pytest.mark.slow)]
+             _Item("tests/test_config.py::test_marked_in_its_file", pytest.mark.slow),
+             _Item("tests/test_clip_loading.py::test_anything", fixtures=["tmp_path", "rn50"]),  # by fixture
+             _Item("tests/test_clip_loading.py::test_anything", fixtures=["tmp_path"])]
     conftest.pytest_collection_modifyitems(None, items)
     conftest.pytest_collection_modifyitems(None, items)  # benchmarks' conftest runs the hook a second time
-    assert [sorted(i.names()) for i in items] == [["slow"], ["slow"], ["slow"], ["slow"], [], [], ["slow"]]
+    assert [sorted(i.names()) for i in items] == [["slow"], ["slow"], ["slow"], ["slow"], [], [], ["slow"], ["slow"], []]
 
 
 @pytest.mark.parametrize("cuda", [False, True])
@@ -51,7 +54,7 @@ def test_the_gpu_mark_selects_and_skips_without_cuda(monkeypatch, cuda):
     assert item.names() == ({"gpu"} if cuda else {"gpu", "skip"})
 
 
-def test_every_slow_entry_names_a_case_that_exists():
+def test_every_slow_entry_names_a_case_or_fixture_that_exists():
     """A renamed case or module would silently join the fast tier again."""
     stale = []
     for key in conftest.SLOW:
@@ -59,6 +62,9 @@ def test_every_slow_entry_names_a_case_that_exists():
         files = [p for p in (ROOT / "tests" / module, ROOT / "benchmarks" / module) if p.is_file()]
         if not files or (case and f"def {case.split('[')[0]}(" not in files[0].read_text()):
             stale.append(key)
+    for name in conftest.SLOW_FIXTURES:
+        if not any(f"def {name}(" in p.read_text() for p in (ROOT / "tests").glob("*.py")):
+            stale.append(name)
     assert not stale, stale
 
 
