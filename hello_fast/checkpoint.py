@@ -13,6 +13,7 @@ import pickle
 import random
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -58,12 +59,20 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise HelloError(f"checkpoint {path} does not exist")
     try:
+        # torch.load checks neither the archive's CRC-32s (a flipped byte in a tensor would load as another value)
+        # nor a record flagged as a directory (MS-DOS attribute 0x10: it reads nothing, and the tensor is garbage);
+        # what is no zip archive at all (a truncated one, a plain pickle) is torch.load's to refuse
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip() or next((i.filename for i in archive.infolist() if i.external_attr & 0x10), None)
+            if damaged is not None:
+                raise HelloError(f"checkpoint {path} is damaged: its record {damaged} does not check out")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise HelloError(f"refusing to load {path}: it is not a plain tensor checkpoint (it would run code or holds "
                          f"objects that are not tensors): {str(e).splitlines()[0][:120]}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError, TypeError,
-            AttributeError, UnicodeDecodeError, OverflowError, MemoryError, struct.error) as e:
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError, struct.error, AssertionError, zlib.error) as e:
         raise HelloError(f"checkpoint {path} is not readable (truncated or not a checkpoint: {type(e).__name__})") from None
     if not isinstance(state, dict) or "epoch" not in state:
         raise HelloError(f"{path} is not a hello_fast training checkpoint")

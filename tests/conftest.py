@@ -137,6 +137,7 @@ SLOW = {
     "test_relabel_mix.py::test_from_a_finished_run": "a relabeling pass over a finished run",
     "test_relabel_mix.py::test_under_torch_compile": "torch.compile",
     "test_safe_loading.py::test_malicious_resume_checkpoint_stops_the_cli_cleanly": "the projector stage as a process",
+    "test_safe_loading.py::test_every_bit_flip_of_a_checkpoint_is_refused_or_harmless": "13,000 checkpoint loads",
     "test_soft_label_loss.py::test_opcheck_and_compile": "torch.compile (inductor builds C++)",
     "test_stages.py::test_stages_learn_on_procedural_data": "a distill long enough to learn",
     "test_stages.py::test_rerun_skips_finished_stages_and_redoes_stale_ones": "a second distill",
