@@ -16,7 +16,7 @@ gigabytes of stored soft labels with a ~3 MB label artifact.
 Stages (each reads and writes one run directory; finished stages are skipped on a rerun):
   teachers   0: train one ResNet-18 and keep early checkpoints (the weak teachers)
   select     1: RDED patch selection with an observer, or a random real subset
-  projector  2: train LoRA on a CLIP image tower + text-embedding head -> label artifact
+  projector  2: train LoRA on a CLIP image tower (or another backbone) + head -> label artifact
   refine     3: (optional) update the distilled images within the projector (Eq. 7)
   student    4: train students with online labels (hard, teacher, projector) and evaluate
   distill    all of the above in order, then results.json and report.md
@@ -38,7 +38,7 @@ STAGE_HELP = {
     "distill": "run every stage in order (finished stages are skipped), then write results.json and report.md",
     "teachers": "stage 0: train a ResNet-18 on the original set and keep its early-epoch checkpoints (weak teachers)",
     "select": "stage 1: choose the distilled images: RDED patch selection (observer: teacher or projector) or random",
-    "projector": "stage 2: train LoRA on CLIP (tower convs + text-embedding head) against the weak teachers; write the label artifact",
+    "projector": "stage 2: train LoRA on CLIP or another backbone (tower convs + text-embedding or prototype head) against the weak teachers; write the label artifact",
     "refine": "stage 3 (optional): update the distilled images by Eq. 7 within the projector",
     "student": "stage 4: train a student per label source on the distilled images, with labels made online; evaluate",
 }

@@ -174,7 +174,7 @@ class StudentConfig:
         "projector (the label artifact online), stored (SRe2L-style stored labels)", nonempty=True)
     artifact: str | None = opt(None, "a label artifact for the projector source (None: the run's projector stage)",
                                path=True)
-    artifact_weights: str | None = opt(None, "CLIP weights file for that artifact's backbone, if not at its recorded "
+    artifact_weights: str | None = opt(None, "weights file for that artifact's backbone (CLIP or classifier), if not at its recorded "
                                              "source", path=True)
     epochs: int = opt(300, "training epochs", min=1)
     batch_size: int = opt(100, "batch size", min=1)

@@ -48,9 +48,9 @@ class Relabeler:
     @classmethod
     def from_artifact(cls, path: str, *, backbone_weights: str | None = None, device=None, dtype=None,
                       capture: bool = False) -> "Relabeler":
-        """Build the projector of a label artifact on its CLIP backbone.
+        """Build the projector of a label artifact on its backbone (CLIP, or the image classifier it names).
 
-        `backbone_weights`: a local CLIP checkpoint (or tag) for the artifact's backbone when its
+        `backbone_weights`: a local checkpoint (or CLIP tag) for the artifact's backbone when its
         recorded source is not available here; its sha256 must match the artifact's.
         """
         projector, meta = load_projector(path, clip_pretrained=backbone_weights, device="cpu")
