@@ -152,8 +152,12 @@ class _Capture:
     error or None); a compile error is recorded and the launcher carries on.
     """
 
-    def __init__(self, arch: int, modules, device_name: str, sms: int):
+    def __init__(self, arch: int, modules, device_name: str, sms: int, compile_if=None):
+        """`compile_if(specialisation)`: whether to compile a launch (default: every one); the others are only
+        recorded (their specialisation, arguments and options), which costs no compile."""
         self.arch, self.modules, self.device = arch, modules, (device_name, sms)
+        self.compile_if = compile_if
+        self.phase = None  # a caller's label of the launches that follow (e.g. "forward", "backward")
         self.launches: list[dict] = []
         self._saved: list = []
 
@@ -206,17 +210,48 @@ class _Capture:
             bound = dict(zip(names, args))
             bound.update({k: v for k, v in kwargs.items() if k in names})
             options = {k: v for k, v in kwargs.items() if k not in names}
+            digest, text = specialisation(fn, self.arch, args, kwargs)
             entry = {"kernel": f"{mod.__name__.rsplit('.', 1)[-1]}.{fn.__name__}", "args": bound, "options": options,
                      "constexprs": {k: v for k, v in bound.items() if k in constexprs},
+                     "specialisation": digest, "specialisation_text": text, "phase": self.phase,
                      "compiled": None, "error": None, "rule": getattr(self, "last_rule", None)}
-            try:
-                entry["compiled"] = run(fn, *args, grid=grid, warmup=True, **kwargs)
-            except Exception as e:  # a compile error is a finding, not a crash of the report
-                entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
+            if self.compile_if is None or self.compile_if(digest):
+                try:
+                    entry["compiled"] = run(fn, *args, grid=grid, warmup=True, **kwargs)
+                except Exception as e:  # a compile error is a finding, not a crash of the report
+                    entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
+            else:
+                entry["skipped"] = True
             self.launches.append(entry)
             return entry["compiled"]
 
         return compile_only
+
+
+def specialisation(fn, arch: int, args, kwargs) -> tuple[str, str]:
+    """(digest, text) of the kernel specialisation a launch asks Triton for on `arch`: Triton's own cache key,
+    computed as JITFunction.run computes it (the binder's specialisation of every argument: dtypes, constexpr
+    values, integers equal to 1 made constexprs, 16-byte alignment of pointers, plus the compile options), with
+    the kernel's name, less one thing: whether an integer (a size or stride) is a multiple of 16. That mark only
+    changes masks and vector widths within the tile and layout the rest fixes, and keeping it would multiply the
+    compiles by every size class a batch can have; unit strides (the transposed operand of dx) and pointer
+    alignment stay in."""
+    from triton import knobs
+    from triton.runtime.jit import compute_cache_key
+
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _, kernel_key_cache, _, _, binder = fn.device_caches[arch]  # the stand-in driver's device is the architecture
+    _, spec, options = binder(*args, **kwargs)
+    key = compute_cache_key(kernel_key_cache, spec, options)
+    key = _INT_DIVISIBILITY.sub(r"\1'')", key)
+    text = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__} sm_{arch} {key}"
+    return hashlib.sha1(text.encode()).hexdigest()[:20], text
+
+
+# an integer argument's 16-divisibility mark in Triton's key (pointers keep theirs: their alignment picks vector loads)
+_INT_DIVISIBILITY = re.compile(r"(\('i(?:32|64)', )'D'\)")
 
 
 # ---------------------------------------------------------------- reading a cubin
@@ -305,7 +340,7 @@ def _work(kernel: str, a: dict) -> tuple[dict, int, int, str]:
         writes = sum(o.element_size() * B * 3 * size * size for o in outs)
         per_px = 3 * (14 * (2 if a["MODE"] == 1 else 1) + 3 * len(outs))  # bilinear taps + normalise, per channel
         maps = 4 * B * (a["rows_n"] + a["cols_n"]) if a["SHUFFLE"] else 0  # the strip maps (int32)
-        return ({"batch": B, "out_size": size, "crop": AUG_CROP, "views": len(outs)}, reads + writes + maps + 8 * 10 * B,
+        return ({"batch": B, "out_size": size, "crop_pixels": area // B, "views": len(outs)}, reads + writes + maps + 8 * 10 * B,
                 per_px * B * size * size, "fp32_flops")
     if kernel == "soft_label_loss._soft_label_loss_kernel":
         B, C = a["B"], a["C"]
@@ -532,33 +567,36 @@ def run_scenario(s: dict) -> list[dict]:
             "precision": s.get("precision"), "fast_path": _fast_path(s), "toolchain": f"triton {triton.__version__}"}
     if isinstance(result, str):
         return [{**_EMPTY_ROW, **base, "kernel": s["op"], "error": result, "smem_limit": SMEM_LIMIT.get(arch)}]
-    rows = []
     roles = None
     if s["op"] == "lora_linear":
         variant = "fused" if s["part"] == "forward" and s["rank"] <= lora_tables()[s["table"]][s["rule"]].get("fuse_xa_max_rank", 0) else "precomputed"
         roles = _ROLES[(s["part"], variant if s["part"] == "forward" else None)]
-    for i, launch in enumerate(cap.launches):
-        args = launch["args"]
-        constexpr = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in launch["constexprs"].items()}
-        config = {**constexpr, **{k: launch["options"][k] for k in ("num_warps", "num_stages") if k in launch["options"]}}
-        if launch["kernel"] in ("lora_linear._fused_kernel", "lora_linear._multi_kernel"):
-            config["rule"] = launch["rule"]  # the rule config_for returned for this launch (dx may differ from the forward's)
-        row = {**base, "kernel": launch["kernel"], "launch": roles[i] if roles and i < len(roles) else None,
-               "config": config, "error": launch["error"], "smem_limit": SMEM_LIMIT.get(arch)}
-        k = launch["compiled"]
-        if k is not None:
-            res = _resources(k.asm["cubin"], k.asm["ptx"])
-            row.update(res)
-            row["smem_bytes"] = int(k.metadata.shared)
-            if row["smem_limit"] is not None and row["smem_bytes"] > row["smem_limit"]:
-                row["error"] = f"OutOfResources: {row['smem_bytes']} B of shared memory, over the {row['smem_limit']} B of sm_{arch}"
-        else:
-            row = {**_EMPTY_ROW, **row}
-        problem, nbytes, flops, rate = _work(launch["kernel"], args)
-        row.update({"problem": problem, "compulsory_bytes": nbytes, "flops": flops, "flops_at": rate,
-                    "roofline_us": roofline_us(nbytes, flops, rate)})
-        rows.append(row)
-    return rows
+    return [launch_row(launch, base, arch, roles[i] if roles and i < len(roles) else None)
+            for i, launch in enumerate(cap.launches)]
+
+
+def launch_row(launch: dict, base: dict, arch: int, role: str | None) -> dict:
+    """The report's row of one recorded launch: its configuration, the compiled kernel's resources, its roofline."""
+    args = launch["args"]
+    constexpr = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in launch["constexprs"].items()}
+    config = {**constexpr, **{k: launch["options"][k] for k in ("num_warps", "num_stages") if k in launch["options"]}}
+    if launch["kernel"] in ("lora_linear._fused_kernel", "lora_linear._multi_kernel"):
+        config["rule"] = launch["rule"]  # the rule config_for returned for this launch (dx may differ from the forward's)
+    row = {**base, "kernel": launch["kernel"], "launch": role, "config": config, "error": launch["error"],
+           "smem_limit": SMEM_LIMIT.get(arch), "specialisation": launch["specialisation"]}
+    k = launch["compiled"]
+    if k is not None:
+        res = _resources(k.asm["cubin"], k.asm["ptx"])
+        row.update(res)
+        row["smem_bytes"] = int(k.metadata.shared)
+        if row["smem_limit"] is not None and row["smem_bytes"] > row["smem_limit"]:
+            row["error"] = f"OutOfResources: {row['smem_bytes']} B of shared memory, over the {row['smem_limit']} B of sm_{arch}"
+    else:
+        row = {**_EMPTY_ROW, **row}
+    problem, nbytes, flops, rate = _work(launch["kernel"], args)
+    row.update({"problem": problem, "compulsory_bytes": nbytes, "flops": flops, "flops_at": rate,
+                "roofline_us": roofline_us(nbytes, flops, rate)})
+    return row
 
 
 def _init_worker() -> None:

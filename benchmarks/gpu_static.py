@@ -1,6 +1,6 @@
 """Static GPU report: every Triton kernel variant the package can launch, compiled ahead of time for real GPU architectures.
 
-    python benchmarks/gpu_static.py [--arch 80 90 [100]] [--json FILE] [--quick] [--workers 2] [--strict]
+    python benchmarks/gpu_static.py [--arch 80 90 [100]] [--json FILE] [--quick] [--workers 2] [--strict] [--reach-arch 80 90]
 
 No GPU is needed or used: each op's own launcher (hello_fast.kernels.*) runs on CPU tensors while
 Triton compiles for the named architecture through a stand-in driver (benchmarks/_triton_aot.py),
@@ -10,6 +10,15 @@ lora_linear's forward (rank 8 fused, rank 128 precomputed), backward and multi-a
 augment_mix modes x 1-4 views x NCHW/channels-last x view dtype; soft_label_loss MSE/KL with and
 without the hard-label CE, CE alone, 10/100/1000/21843 classes, fp32/bf16 logits. The plain-CUDA
 kernels of csrc/ops/cuda/*.cu are built with nvcc for sm_90 (rows `cuda:*`; `--cuda-arch 80 90`).
+
+Then the dispatchers themselves (benchmarks/_reach.py): a grid of real calls through the public ops
+(lora_linear forward and backward, lora_linear_multi, augment_mix, soft_label_loss) on the shapes of
+the preset models, every dtype and precision, odd and aligned sizes, strided, misaligned and
+channels-last operands, 1-4 views, every mode, runs on sm_80 and sm_90 (`--reach-arch`) through the
+stand-in driver; every specialisation it reaches (_triton_aot.specialisation) that the matrix did not
+compile is compiled and reported too, and the run prints
+`reached N specialisations, compiled N, uncovered 0`; it exits 1 when a reached specialisation was
+not compiled cleanly or breaks a limit (always, not only with --strict).
 
 Prints a summary table (per kernel and architecture) and the variants that spill; `--json` writes
 one row per launch (keys: kernel, arch, config, dtype, fast_path, registers, spills, smem_bytes,
@@ -27,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import _triton_aot  # noqa: E402
+from benchmarks import _reach, _triton_aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT = os.path.join(ROOT, "benchmarks", "results", "gpu_static.json")
@@ -42,6 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-arch", type=int, nargs="+", default=[90], help="architectures of the nvcc build of csrc/ops/cuda/*.cu")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc build of csrc/")
     ap.add_argument("--strict", action="store_true", help="exit 1 on any violation (see the module docstring)")
+    ap.add_argument("--reach-arch", type=int, nargs="*", default=[80, 90],
+                    help="architectures (among --arch) on which the dispatchers' grid of real calls is reached and "
+                         "every specialisation it reaches is compiled (none: skip)")
     args = ap.parse_args(argv)
     unknown = [a for a in args.arch if a not in _triton_aot.SMEM_LIMIT]
     if unknown:
@@ -66,6 +78,14 @@ def main(argv=None) -> int:
 
     rows = _triton_aot.compile_scenarios(scenarios, workers=args.workers, progress=progress)
     print(file=sys.stderr)
+    reach_archs = [a for a in args.reach_arch if a in args.arch]
+    reached: dict = {}
+    if reach_archs:
+        print(f"reaching the dispatchers' grid on sm_{', sm_'.join(map(str, reach_archs))}, compiling what the matrix "
+              "did not ...", file=sys.stderr)
+        reached, extra = _reach.coverage(reach_archs, full=not args.quick, known_rows=rows, compile_unknown=True,
+                                         workers=args.workers)
+        rows += extra
     if not args.no_cuda:
         for arch in args.cuda_arch:
             rows += _triton_aot.nvcc_resource_usage(sorted(glob.glob(os.path.join(ROOT, "csrc", "ops", "cuda", "*.cu"))),
@@ -81,10 +101,22 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} rows in {elapsed:.0f} s; {len(bad)} violation(s)")
     for line in bad:
         print("  " + line)
+    missing = _reach.uncovered(reached, rows)
+    if reach_archs:
+        broken = sorted({line for r in rows if (r["arch"], r.get("specialisation")) in reached
+                         for line in _triton_aot.violations([r])})
+        print(f"reached {len(reached)} specialisations, compiled {len(reached) - len(missing)}, uncovered {len(missing)}"
+              f" (sm_{', sm_'.join(map(str, reach_archs))})")
+        for e in missing:
+            print(f"  uncovered: {e['text']}\n    first reached by: {e['call']}")
+        for line in broken:
+            print(f"  reached and over a limit: {line}")
+    else:
+        broken = []
     if args.json:
         _triton_aot.write_json(rows, args.json)
         print(f"wrote {args.json}")
-    return 1 if (args.strict and bad) else 0
+    return 1 if (missing or broken or (args.strict and bad)) else 0
 
 
 if __name__ == "__main__":

@@ -275,7 +275,10 @@ def fused(x2d, wp, bp, scale, *, h=None, a=None, bias=None, out=None, fuse_xa=No
         out.stride(0), out.stride(1),
         float(scale),
         HAS_BIAS=bias is not None, FUSE_XA=bool(fuse_xa), PRECISION=precision,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=_block_r(R) if fuse_xa else min(_block_r(R), cfg["block_r"]),
+        # the precomputed H, block_r columns at a time, at least min_block_r (masked below the rank): 16 columns of a
+        # 16-bit dx (W transposed) spilled at the 64 x 128 tile on sm_80, 32 of an fp32 one (benchmarks/gpu_static.py)
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        BLOCK_R=_block_r(R) if fuse_xa else min(max(_block_r(R), cfg.get("min_block_r", 16)), cfg["block_r"]),
         GROUP_M=cfg.get("group_m", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
@@ -332,7 +335,7 @@ def multi(x2d, w, h, index, b_stack, bias=None):
         x2d.stride(0), x2d.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1),
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, PRECISION=precision,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=min(_block_r(R), cfg["block_r"]),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=cfg["block_r"],  # 16 columns spilled at rank <= 16 (sm_80, sm_90)
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out

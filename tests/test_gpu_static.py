@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import glob
+import json
 import multiprocessing
 import os
 import re
@@ -182,3 +183,55 @@ def test_a_triton_outside_the_proven_range_is_a_failure_with_its_reason(monkeypa
     monkeypatch.setattr(_triton_aot, "installed_triton", lambda: _triton_aot.PROVEN_TRITON[0])
     monkeypatch.setattr(_triton_aot, "api_missing", lambda: "JITFunction.run takes no grid/warmup arguments")
     assert _triton_aot.toolchain_problem() == "JITFunction.run takes no grid/warmup arguments"
+
+
+RESULT = os.path.join(ROOT, "benchmarks", "results", "gpu_static.json")
+
+
+def _committed_rows() -> list[dict]:
+    with open(RESULT) as f:
+        return json.load(f)
+
+
+def _reach_small(mutation=None):
+    """The small grid of real calls through the dispatchers on sm_80 and sm_90, recorded (nothing compiles here),
+    against the specialisations the committed report compiled: (uncovered, reached)."""
+    from benchmarks import _reach
+
+    rows = _committed_rows()
+    reached, _ = _reach.coverage(ARCHS, full=False, known_rows=rows, compile_unknown=False, workers=2,
+                                 mutation=mutation)
+    return _reach.uncovered(reached, rows), reached
+
+
+def test_every_specialisation_the_dispatchers_reach_was_compiled():
+    """A launch path the dispatchers take without a compile in benchmarks/results/gpu_static.json fails here."""
+    missing, reached = _reach_small()
+    assert {arch for arch, _ in reached} == set(ARCHS) and len(reached) > 300, len(reached)
+    assert not missing, ("reached by the dispatchers but never compiled (run benchmarks/gpu_static.py and commit "
+                         "its results):\n" + "\n".join(f"{e['text']}\n  by {e['call']}" for e in missing[:10]))
+
+
+def test_a_new_launch_path_without_a_compile_fails():
+    """A mutation: the fused kernel's BLOCK_R floor raised from 16 to 32, a constexpr value never compiled."""
+    missing, _ = _reach_small("block_r_32")
+    assert missing and {e["kernel"] for e in missing} == {"lora_linear._fused_kernel"}, missing[:3]
+    # the new ones are the BLOCK_R = 32 launches (the last two constexprs: BLOCK_R, GROUP_M = 8)
+    assert all("('constexpr', 32), ('constexpr', 8)]" in e["text"] for e in missing), missing[:3]
+
+
+def test_the_aligned_input_gradient_rows_are_compiled():
+    """dx = dy W + G A with N and K multiples of 16 (ViT-B's 768 <-> 3072 MLP) runs the aligned rules, W transposed:
+    the committed report holds those launches, compiled clean on sm_80 and sm_90 (the H200 table's 128x256 tile)."""
+    from benchmarks import _triton_aot
+
+    tables = _triton_aot.lora_tables()
+    aligned = {f"{key}[{i}]" for key, rules in tables.items() for i, rule in enumerate(rules) if rule.get("aligned")}
+    dx = [r for r in _committed_rows() if r["kernel"] == "lora_linear._fused_kernel" and r.get("launch") == "dx = dy W + G A"
+          and r["config"].get("rule") in aligned and r.get("reached")]
+    assert {r["arch"] for r in dx} == set(ARCHS)
+    big = [r for r in dx if r["config"]["rule"] in ("NVIDIA H200[0]", "NVIDIA H200[3]")]
+    assert big and {(r["config"]["BLOCK_M"], r["config"]["BLOCK_N"]) for r in big} == {(128, 256)}
+    for r in dx:
+        assert r["error"] is None and r["registers"] and r["smem_bytes"] <= r["smem_limit"], r
+        assert not r["spills"] or not r["fast_path"], r

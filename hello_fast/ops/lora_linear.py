@@ -6,8 +6,10 @@ x A^T intermediate and all accumulation are fp32; the output has x's dtype. Auto
 gradients for x, lora_a, lora_b, and bias/weight when they require them. Backends: "triton"
 (one fused kernel, hello_fast.kernels.lora_linear) and "torch" (the reference below, also the
 CPU fallback); HELLO_FAST_BACKEND prefers one. fp32 inputs follow torch's fp32 matmul setting: with
-TF32 allowed the Triton kernel runs on TF32 tensor cores; with IEEE precision (torch's default) no
-Triton tile has tensor cores and the large ones spill (benchmarks/gpu_static.py), so the op runs the
+TF32 allowed the Triton kernel runs on TF32 tensor cores; with IEEE precision (torch's default)
+tl.dot has no tensor cores: a CUDA-core FMA GEMM at a small tile (benchmarks/gpu_static.py: the larger
+tiles spilled heavily; the 32x64 one still spills a few instructions in a few variants on sm_89, sm_90
+and sm_100), so the op runs the
 cuBLAS-backed reference unless Triton is asked for by name (`backend="triton"` or the env var).
 
 `lora_linear_multi(x, weight, lora_a (n, r, K), lora_b (n, N, r), adapter_index (rows,), scales
@@ -80,7 +82,7 @@ def _check(x, weight, lora_a, lora_b, bias):
 def _triton_is_fast(dtype: torch.dtype) -> bool:
     """Whether the Triton kernel is the fast path on a GPU for inputs of `dtype` under torch's current
     fp32 matmul setting: not for fp32 with IEEE precision, where tl.dot has no tensor cores (a CUDA-core
-    FMA GEMM that loses to cuBLAS and spills at the large tiles)."""
+    FMA GEMM at a small tile, which we judge slower than cuBLAS's SGEMM: not measured)."""
     from hello_fast.kernels import (
         lora_linear as kern,  # imports triton: only called once Triton is usable
     )
