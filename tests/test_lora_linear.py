@@ -144,7 +144,7 @@ def test_bad_shapes_are_named(args, words):
 
 
 _RULE_KEYS = {"dtypes", "precision", "aligned", "min_rows", "min_n", "max_rank", "block_m", "block_n", "block_k",
-              "group_m", "num_warps", "num_stages", "fuse_xa_max_rank", "block_r"}
+              "group_m", "num_warps", "num_stages", "fuse_xa_max_rank", "block_r", "min_block_r"}
 
 
 def _gpu_tables(table):
@@ -164,6 +164,7 @@ def test_configs_are_data():
         for rule in rules:
             assert set(rule) <= _RULE_KEYS, f"{device}: unknown keys {set(rule) - _RULE_KEYS}"
             assert all(rule[k] >= 16 and rule[k] & (rule[k] - 1) == 0 for k in ("block_m", "block_n", "block_k", "block_r"))
+            assert 16 <= rule.get("min_block_r", 16) <= rule["block_r"]
             assert set(rule.get("dtypes", [])) <= {"float32", "float16", "bfloat16"}
             assert rule.get("precision", "tf32") in ("tf32", "ieee")
         assert not set(rules[-1]) & {"dtypes", "precision", "aligned", "min_rows", "min_n", "max_rank"}, f"{device}: no catch-all"
