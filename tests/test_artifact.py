@@ -43,7 +43,7 @@ def _rewrite(src, dst, tensors=None, meta=None, rehash=True):
     """Copy an artifact with edited tensors/metadata; rehash=False keeps the old checksum (tampering)."""
     from safetensors import safe_open
 
-    from hello_fast.projector.artifact import tensors_sha256
+    from hello_fast.projector.artifact import metadata_sha256, tensors_sha256
 
     t = load_file(src)
     with safe_open(src, "pt") as f:
@@ -52,6 +52,7 @@ def _rewrite(src, dst, tensors=None, meta=None, rehash=True):
     m = meta(m) if meta else m
     if rehash:
         m["tensors_sha256"] = tensors_sha256(t)
+        m["metadata_sha256"] = metadata_sha256(m)
     save_file(t, dst, metadata={META_KEY: json.dumps(m)})
 
 
@@ -61,6 +62,7 @@ def _rewrite(src, dst, tensors=None, meta=None, rehash=True):
     ("text", "not a readable label artifact"),
     ("foreign", "not a hello_fast label artifact"),
     ("tampered", "do not match the checksum"),
+    ("renamed_class", "metadata does not match its checksum"),
     ("newer", "newer than this hello_fast reads"),
     ("no_head", "no head LoRA"),
 ])
@@ -81,6 +83,8 @@ def test_bad_files_are_refused(artifact, tmp_path, case, message):
             t["head.lora_b"] = t["head.lora_b"] + 1
             return t
         _rewrite(artifact, bad, tensors=bump, rehash=False)
+    elif case == "renamed_class":  # one class name edited, the tensors untouched: their checksum still holds
+        _rewrite(artifact, bad, meta=lambda m: dict(m, class_names=["qattern 1"] + m["class_names"][1:]), rehash=False)
     elif case == "newer":
         _rewrite(artifact, bad, meta=lambda m: dict(m, format_version=FORMAT_VERSION + 1))
     elif case == "no_head":

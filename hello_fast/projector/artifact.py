@@ -5,8 +5,8 @@ What is stored: every LoRA A and B, in fp32, fp16, or int8 with one fp32 scale p
 the backbone (CLIP: open_clip name, weights source, activation; a classifier: `kind: classifier`,
 its name and weights source; both: a sha256 of the architecture and one of the weights), the class
 names in order, the prompt templates, how the head started (`head_init`), the ranks and scale, the
-tower's normalisation and resolution, the tensors' dtype, a sha256 of the stored tensors, and the
-format version. The head's base weight is stored only when it came from the training data
+tower's normalisation and resolution, the tensors' dtype, a sha256 of the stored tensors, the
+format version, and (format 3) a sha256 of the metadata itself, so a flipped class name is refused too. The head's base weight is stored only when it came from the training data
 (head_init prototypes: `head.weight` and the feature centre `head.center`): CLIP's zero-shot head is rebuilt from the text tower and the
 class names, a random head from its seed. Loading checks all of it and refuses, with a clear
 message, files that are truncated, foreign, tampered with, or made for another backbone
@@ -41,6 +41,12 @@ _INT8_MAX = 127
 META_KEY = FORMAT
 _REQUIRED = ("format", "format_version", "backbone", "class_names", "templates", "conv_rank", "head_rank",
              "linear_rank", "alpha", "mean", "std", "image_size", "logit_scale", "tensors_sha256")
+
+
+def metadata_sha256(meta: dict) -> str:
+    """sha256 of the metadata document without its own checksum (sorted JSON, as stored)."""
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -128,6 +134,7 @@ def artifact_bytes(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
 
     stored = encode_tensors(tensors, meta.get("dtype", "fp32"))
     meta = dict(meta, tensors_sha256=tensors_sha256(stored))
+    meta["metadata_sha256"] = metadata_sha256(meta)
     return save({k: v.contiguous() for k, v in stored.items()}, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
@@ -174,6 +181,8 @@ def read_artifact(path: str, decode: bool = True) -> tuple[dict[str, torch.Tenso
         raise HelloError(f"{path}: the artifact's metadata lacks {', '.join(missing)}")
     if not isinstance(meta["format_version"], int) or meta["format_version"] > FORMAT_VERSION:
         raise HelloError(f"{path}: artifact format version {meta['format_version']} is newer than this hello_fast reads ({FORMAT_VERSION}); upgrade hello_fast")
+    if meta["format_version"] >= 3 and meta.get("metadata_sha256") != metadata_sha256(meta):
+        raise HelloError(f"{path}: the metadata does not match its checksum (corrupted or edited)")
     if tensors_sha256(tensors) != meta["tensors_sha256"]:
         raise HelloError(f"{path}: the LoRA tensors do not match the checksum in the metadata (corrupted or edited)")
     meta.setdefault("dtype", "fp32")  # format 1 stored fp32 only
@@ -232,7 +241,7 @@ def _check_consistency(path, tensors, meta) -> None:
 def convert_artifact(src: str, dst: str, dtype: str) -> int:
     """Rewrite a label artifact with its LoRA tensors in `dtype` (fp32, fp16 or int8); returns the new size in bytes."""
     tensors, meta = read_artifact(src)
-    meta = {k: v for k, v in meta.items() if k != "tensors_sha256"}
+    meta = {k: v for k, v in meta.items() if k not in ("tensors_sha256", "metadata_sha256")}
     meta["dtype"] = dtype
     return save_artifact(dst, tensors, meta)
 
