@@ -135,8 +135,9 @@ class ProjectorConfig:
         "auto", "the head's starting point: text (CLIP's text embeddings of the class prompts: the zero-shot "
         "classifier), prototypes (the normalised mean feature of each class's training images; stored in the "
         "artifact), random (seeded unit rows), auto (text on CLIP, prototypes on other backbones)")
-    image_size: int | None = opt(None, "the resolution the backbone sees; images are resized to it on the fly in every "
-                                       "label path (None: the backbone's own; CLIP's towers take only their own)", min=1)
+    image_size: int | None = opt(None, "the resolution a classifier backbone sees; images are resized to it on the fly "
+                                       "in every label path (None: the backbone's own). CLIP's towers always see their "
+                                       "own resolution (their attention pool is fixed to it)", min=1)
     conv_rank: int = opt(8, "LoRA rank on every conv of the image tower (0: none)", min=0)
     head_rank: int = opt(128, "LoRA rank on the head", min=1)
     linear_rank: int = opt(0, "LoRA rank on the tower's linear layers (attention pool, ViT blocks)", min=0)

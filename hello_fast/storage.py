@@ -25,6 +25,7 @@ import math
 import torch
 
 from hello_fast.data.sources import DIGIT_NAMES
+from hello_fast.models.backbone import configured_image_size
 from hello_fast.models.classifier import RANDOM, load_classifier
 from hello_fast.models.clip import (
     architecture_sha256,
@@ -100,7 +101,7 @@ def _artifact_sizes(cfg, num_classes: int, class_names: list[str]) -> dict:
     """Bytes of the artifact this config would write, in each dtype, its LoRA parameters, and the backbone's size."""
     pc = cfg.projector
     backbone = _shape_backbone(cfg)
-    size = projector_image_size(backbone, pc.image_size)
+    size = projector_image_size(backbone, configured_image_size(cfg, backbone))
     head_init = cfg.head_init
     templates = template_strings(cfg.clip.templates) if head_init == "text" and backbone.has_text_tower else []
     dim = feature_dim(backbone.visual, size)

@@ -5,6 +5,11 @@ from hello_fast.models.classifier import load_classifier
 from hello_fast.models.clip import load_clip
 
 
+def configured_image_size(cfg, backbone) -> int | None:
+    """projector.image_size where the backbone can take it (a classifier); None (its own) for CLIP."""
+    return None if backbone.has_text_tower else cfg.projector.image_size
+
+
 def load_backbone(cfg, device="cpu", calibrate: bool = True):
     """A ClipBackbone (projector.backbone clip) or a ClassifierBackbone, loaded offline as the config says."""
     pc = cfg.projector

@@ -21,7 +21,7 @@ from hello_fast._util import Normalize
 from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
 from hello_fast.logs import TrainingLog
-from hello_fast.models.backbone import load_backbone
+from hello_fast.models.backbone import configured_image_size, load_backbone
 from hello_fast.models.clip import template_strings
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.projector.artifact import (
@@ -71,7 +71,7 @@ def initial_head(cfg, backbone, train_set, device) -> tuple[torch.Tensor | None,
     head_init = cfg.head_init
     if head_init == "text":
         return None, None
-    size = projector_image_size(backbone, cfg.projector.image_size)
+    size = projector_image_size(backbone, configured_image_size(cfg, backbone))
     if head_init == "random":
         return random_head_weight(train_set.num_classes, feature_dim(backbone.visual, size), cfg.seed), None
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
@@ -106,7 +106,7 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
     torch.manual_seed(cfg.seed)
     projector = build_projector(backbone, class_names, templates, conv_rank=pc.conv_rank, head_rank=pc.head_rank,
                                 linear_rank=pc.linear_rank, alpha=pc.alpha, device=device, head_weight=head_weight,
-                                image_size=pc.image_size, feature_center=center)
+                                image_size=configured_image_size(cfg, backbone), feature_center=center)
     teachers = load_teachers(inputs.run, device)
     teacher_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     params = projector.lora_parameters()
