@@ -210,6 +210,19 @@ def read_state_dict(path: str, what: str = "checkpoint") -> tuple[dict, dict]:
     return state, meta
 
 
+def check_state_dict(expected: dict, state: dict, path: str, name: str) -> None:
+    """Refuse, in one line, a state dict whose keys or shapes differ from `expected` (the model's own)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise HelloError(f"{path} does not hold {name} weights: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), "
+                         f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})")
+    bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if bad:
+        raise HelloError(f"{path} does not hold {name} weights: {bad[0]} is {tuple(state[bad[0]].shape)}, "
+                         f"{name} needs {tuple(expected[bad[0]].shape)}")
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()

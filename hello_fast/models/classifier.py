@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from hello_fast._io import file_sha256, read_state_dict
+from hello_fast._io import check_state_dict, file_sha256, read_state_dict
 from hello_fast.errors import HelloError
 from hello_fast.models.clip import weights_fingerprint
 
@@ -146,16 +146,7 @@ def _drop_last_linear(model: nn.Module, arch: str) -> str:
 def _load_body(model: nn.Module, state: dict, classifier: str, path: str, name: str) -> None:
     """Load a whole classifier's state dict into the feature model, strictly, without the classifier's keys."""
     state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise HelloError(f"{path} does not hold {name} weights: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), "
-                         f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})")
-    bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
-    if bad:
-        raise HelloError(f"{path} does not hold {name} weights: {bad[0]} is {tuple(state[bad[0]].shape)}, "
-                         f"{name} needs {tuple(expected[bad[0]].shape)}")
+    check_state_dict(model.state_dict(), state, path, name)
     model.load_state_dict(state, strict=True)
 
 

@@ -30,7 +30,7 @@ from importlib import resources
 
 import torch
 
-from hello_fast._io import file_sha256, read_state_dict
+from hello_fast._io import check_state_dict, file_sha256, read_state_dict
 from hello_fast._progress import log
 from hello_fast.config import looks_like_file
 from hello_fast.errors import HelloError
@@ -254,16 +254,7 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         state = convert_to_custom_text_state_dict(state)
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise HelloError(f"{path} does not hold {name} weights: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), "
-                         f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})")
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
-    if bad:
-        raise HelloError(f"{path} does not hold {name} weights: {bad[0]} is {tuple(state[bad[0]].shape)}, "
-                         f"{name} needs {tuple(expected[bad[0]].shape)}")
+    check_state_dict(model.state_dict(), state, path, name)
     model.load_state_dict(state, strict=True)  # copies (and casts OpenAI's fp16 weights) into the fp32 model
 
 
