@@ -12,30 +12,19 @@ zero-shot and final val top-1 and its training time; mean and spread per variant
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _results import RESULTS_DIR, write  # noqa: E402
-from study_small_images import run_variant, summarise  # noqa: E402
+from _results import write  # noqa: E402
+from study_small_images import run_variant, study_arguments, summarise  # noqa: E402
 
 from hello_fast.config import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run directory with finished teachers and select stages")
-    p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
-                   help="a variant: its name, then projector overrides (repeatable)")
-    p.add_argument("--sources", nargs="+", default=["hard", "teacher", "projector"], help="label sources")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
-    p.add_argument("--eval-every", type=int, default=10, help="student epochs between evaluations (the last always)")
-    p.add_argument("--work", default=None, help="where the variants' run copies go (default: a temporary folder)")
-    p.add_argument("--tag", default="", help="results file name suffix: backbones_<config>_<tag>")
-    p.add_argument("--out", default=RESULTS_DIR)
-    args = p.parse_args(argv)
+    args = study_arguments(__doc__, "teachers and select", ["hard", "teacher", "projector"], "backbones").parse_args(argv)
     name = load_config(os.path.join(args.run, "config.yaml")).name
     work = args.work or tempfile.mkdtemp(prefix="backbones_")
     rows = []

@@ -86,18 +86,23 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a run directory with finished teachers and projector stages")
+def study_arguments(doc: str, kept: str, sources: list[str], prefix: str) -> argparse.ArgumentParser:
+    """The command line every variants-over-student-seeds study takes (`kept`: the stages the run must have finished)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help=f"a run directory with finished {kept} stages")
     p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
                    help="a variant: its name, then config overrides (repeatable)")
-    p.add_argument("--sources", nargs="+", default=["hard", "projector"], help="label sources")
+    p.add_argument("--sources", nargs="+", default=sources, help="label sources")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
     p.add_argument("--eval-every", type=int, default=10, help="student epochs between evaluations (the last always)")
     p.add_argument("--work", default=None, help="where the variants' run copies go (default: a temporary folder)")
-    p.add_argument("--tag", default="", help="results file name suffix: small_images_<config>_<tag>")
+    p.add_argument("--tag", default="", help=f"results file name suffix: {prefix}_<config>_<tag>")
     p.add_argument("--out", default=RESULTS_DIR)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = study_arguments(__doc__, "teachers and projector", ["hard", "projector"], "small_images").parse_args(argv)
     name = load_config(os.path.join(args.run, "config.yaml")).name
     work = args.work or tempfile.mkdtemp(prefix="small_images_")
     rows = []
