@@ -10,10 +10,10 @@ def configured_image_size(cfg, backbone) -> int | None:
     return None if backbone.has_text_tower else cfg.projector.image_size
 
 
-def load_backbone(cfg, device="cpu", calibrate: bool = True):
+def load_backbone(cfg, device="cpu"):
     """A ClipBackbone (projector.backbone clip) or a ClassifierBackbone, loaded offline as the config says."""
     pc = cfg.projector
     if pc.backbone == "clip":
         c = cfg.clip
-        return load_clip(c.model, c.pretrained, c.init_seed, device=device, activation=c.activation, calibrate=calibrate)
+        return load_clip(c.model, c.pretrained, c.init_seed, device=device, activation=c.activation)
     return load_classifier(pc.backbone, pc.pretrained, device=device)

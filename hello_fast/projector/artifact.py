@@ -26,7 +26,7 @@ from hello_fast._io import atomic_path
 from hello_fast.errors import HelloError
 from hello_fast.models.classifier import load_classifier
 from hello_fast.models.clip import expected_activation, load_clip
-from hello_fast.projector.head import random_head_weight
+from hello_fast.projector.head import HEAD_INITS, random_head_weight
 from hello_fast.projector.model import build_projector
 
 FORMAT = "hello_fast.label_artifact"
@@ -214,7 +214,7 @@ def _check_consistency(path, tensors, meta) -> None:
     if b.shape[0] != len(names) or a.shape[0] != meta["head_rank"] or b.shape[1] != meta["head_rank"]:
         raise HelloError(f"{path}: head LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {len(names)} classes at rank {meta['head_rank']}")
     head_init = meta["head_init"]
-    if head_init not in ("text", "prototypes", "random"):
+    if head_init not in HEAD_INITS:
         raise HelloError(f"{path}: unknown head_init {head_init!r}")
     for key, shape in ((HEAD_WEIGHT, (len(names), a.shape[1])), (HEAD_CENTER, (a.shape[1],))):
         t = tensors.get(key)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hello_fast._progress import progress
 from hello_fast.errors import HelloError
 
-HEAD_INITS = ("text", "prototypes", "random")
+HEAD_INITS = ("text", "prototypes", "random")  # what an artifact may record (the config adds auto)
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def prototype_head(visual, batches, normalize, num_classes: int) -> tuple[torch.
     """
     sums, counts = None, torch.zeros(num_classes, dtype=torch.float64)
     for images, labels in batches:
-        features = visual(normalize(images)).float().double().cpu()
+        features = visual(normalize(images)).double().cpu()
         if sums is None:
             sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
         sums.index_add_(0, labels.cpu(), features)
