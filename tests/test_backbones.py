@@ -251,3 +251,19 @@ def test_distill_on_a_classifier_backbone(tmp_path):
     report = open(os.path.join(out, "report.md")).read()
     assert "backbone efficientnet_lite0" in report
     shutil.rmtree(out)
+
+
+def test_lora_on_a_same_padded_conv_with_bias_merges_exactly():
+    """The A branch runs the base's own forward without its bias (the bias belongs to the base output only)."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from hello_fast.projector.lora import LoRAConv2d
+
+    torch.manual_seed(0)
+    layer = LoRAConv2d(Conv2dSame(3, 8, 3, stride=2, bias=True), 2)
+    torch.nn.init.normal_(layer.lora_b)
+    x = torch.randn(2, 3, 17, 17)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
