@@ -26,11 +26,11 @@ from hello_fast.config import load_config  # noqa: E402
 from hello_fast.data.distilled import load_distilled  # noqa: E402
 from hello_fast.data.sources import load_splits  # noqa: E402
 from hello_fast.labels import label_source  # noqa: E402
+from hello_fast.layout import artifact_path, distilled_stage  # noqa: E402
 from hello_fast.projector.artifact import convert_artifact  # noqa: E402
 from hello_fast.rundir import RunDir  # noqa: E402
-from hello_fast.stages.projector import artifact_path  # noqa: E402
 from hello_fast.stages.schedule import resident_set, views_for  # noqa: E402
-from hello_fast.stages.student import distilled_stage, train_student  # noqa: E402
+from hello_fast.stages.student import train_student  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "int8")
 

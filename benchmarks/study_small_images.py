@@ -28,8 +28,9 @@ from _results import RESULTS_DIR, write  # noqa: E402
 from hello_fast.config import load_config  # noqa: E402
 from hello_fast.data.distilled import load_distilled  # noqa: E402
 from hello_fast.labels import label_source  # noqa: E402
+from hello_fast.layout import distilled_stage  # noqa: E402
 from hello_fast.pipeline import Pipeline  # noqa: E402
-from hello_fast.stages.student import distilled_stage, train_student  # noqa: E402
+from hello_fast.stages.student import train_student  # noqa: E402
 
 
 def run_variant(base_run: str, work: str, name: str, overrides: list[str], sources, seeds, eval_every: int,

@@ -170,9 +170,16 @@ class RefineConfig:
 class StudentConfig:
     arch: StudentArch = opt("resnet18", "the student network (inputs of 64 px or less get the small-image variant)")
     width: int | None = opt(None, "ResNet-18 small-image variant only: base width (None: 64)", min=1)
-    label_sources: list[Literal["hard", "teacher", "projector", "stored"]] = opt(
+    label_sources: list[Literal["hard", "teacher", "rded", "projector", "stored", "stored_int8", "stored_int4",
+                                "stored_topk", "stored_pool"]] = opt(
         ["hard", "teacher", "projector"], "one student per label source: hard, teacher (the weak teachers online), "
-        "projector (the label artifact online), stored (SRe2L-style stored labels)", nonempty=True)
+        "rded (RDED: the fully trained teacher online, KL at T=20; the teachers stage then trains to teachers.epochs), "
+        "projector (the label artifact online), stored (SRe2L-style stored fp16 labels), stored_int8 / stored_int4 "
+        "(quantised per crop), stored_topk (top-k logits per crop), stored_pool (LPLD's pruned label pool)",
+        nonempty=True)
+    stored_topk: int = opt(5, "stored_topk: logits kept per crop (FKD keeps 5 of ImageNet's 1000)", min=1)
+    stored_pool_fraction: float = opt(0.1, "stored_pool: share of the schedule's batches whose labels are kept and "
+                                           "replayed (LPLD prunes 10x to 40x: 0.1 to 0.025)", gt=0, max=1)
     artifact: str | None = opt(None, "a label artifact for the projector source (None: the run's projector stage)",
                                path=True)
     artifact_weights: str | None = opt(None, "weights file for that artifact's backbone (CLIP or classifier), if not at its recorded "

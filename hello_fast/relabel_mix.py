@@ -42,12 +42,11 @@ import torch.nn as nn
 
 from hello_fast.distributed import resolve_device
 from hello_fast.errors import HelloError
-from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
+from hello_fast.layout import artifact_path, load_teachers
+from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, mean_teacher_logits
 from hello_fast.ops import augment_mix, sample_augment_params, soft_label_loss
 from hello_fast.relabel import Relabeler
 from hello_fast.rundir import RunDir
-from hello_fast.stages.projector import artifact_path
-from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
 MODES = ("batch", "pair", "elem")
 LOSS_MODES = ("mse", "kl")

@@ -15,6 +15,11 @@
 - SRe2L/FKD-style stored labels (Yin et al.): for every epoch and every augmented image, the fp16
   logits (C x 2 bytes), the crop coordinates (4 x fp32), the flip flag (1 byte) and the mix
   partner index (int64), plus per batch the mix lambda (fp32) and box (4 x int64);
+- the compressed stored labels (the label sources stored_int8, stored_int4, stored_topk, stored_pool:
+  hello_fast/labels.py), the same replay parameters with each crop's logits stored as int8 or int4
+  with one fp32 scale (C + 4 or ceil(C/2) + 4 bytes), as the top k fp16 logits with int16 indices and
+  one fp16 fill logit (4k + 2 bytes), or SRe2L's fp16 for a student.stored_pool_fraction share of the
+  batches (LPLD's pruned label pool);
 - RDED: the teacher network shipped with the data (fp32 state dict as safetensors).
 Byte counts are exact for the shapes given; the paper's "MB" are MiB (2^20 bytes).
 """
@@ -55,12 +60,43 @@ def sre2l_soft_label_bytes(num_images: int, num_classes: int, epochs: int, batch
     return epochs * (num_images * per_image + batches * per_batch)
 
 
-def teacher_bytes(arch: str, num_classes: int, image_size: int, width: int | None) -> int:
+def label_payload_bytes(encoding: str, num_classes: int, top_k: int | None = None) -> int:
+    """Bytes of one crop's stored label: fp16 logits, int8/int4 codes with an fp32 scale, or top-k (fp16 value +
+    int16 index each, and an fp16 fill logit)."""
+    if encoding == "fp16":
+        return 2 * num_classes
+    if encoding == "int8":
+        return num_classes + 4
+    if encoding == "int4":
+        return -(-num_classes // 2) + 4
+    if encoding == "topk":
+        return 4 * top_k + 2
+    raise ValueError(f"unknown label encoding {encoding!r}")
+
+
+def compressed_label_bytes(cfg, num_images: int, num_classes: int) -> dict:
+    """The stored-label baselines' bytes for cfg's schedule: SRe2L's replay parameters with each scheme's labels."""
+    sc = cfg.student
+    crops = sc.epochs * num_images
+    params = sre2l_soft_label_bytes(num_images, num_classes, sc.epochs, sc.batch_size) - crops * 2 * num_classes
+    out = {f"stored_{e}_label_bytes": params + crops * label_payload_bytes(e, num_classes) for e in ("int8", "int4")}
+    k = min(sc.stored_topk, num_classes - 1)
+    out["stored_topk_label_bytes"] = params + crops * label_payload_bytes("topk", num_classes, k)
+    batches = sc.epochs * math.ceil(num_images / sc.batch_size)
+    kept = max(1, round(sc.stored_pool_fraction * batches))
+    out["stored_pool_label_bytes"] = round(sre2l_soft_label_bytes(num_images, num_classes, sc.epochs, sc.batch_size) * kept / batches)
+    return out
+
+
+def network_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a network's state dict written as safetensors (fp32 as trained): what RDED ships with its images."""
     from safetensors.torch import save
 
-
-    model = build_model(arch, num_classes, image_size, width)
     return len(save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
+
+def teacher_bytes(arch: str, num_classes: int, image_size: int, width: int | None) -> int:
+    return network_bytes(build_model(arch, num_classes, image_size, width))
 
 
 def weights_bytes(module: torch.nn.Module, bytes_per_float: int = _PUBLISHED_BYTES_PER_WEIGHT) -> int:
@@ -138,7 +174,8 @@ def _backbone_label(cfg) -> tuple[str, bool]:
 
 def storage_report(cfg, num_classes: int | None = None, class_names: list[str] | None = None) -> dict:
     """Storage in bytes of each scheme for `cfg`: artifact_bytes (the configured dtype) and _fp32/_fp16/_int8,
-    backbone_bytes (the shared CLIP model), sre2l_soft_label_bytes, teacher_bytes."""
+    backbone_bytes (the shared CLIP model), sre2l_soft_label_bytes, the compressed stored labels
+    (stored_int8/int4/topk/pool_label_bytes), teacher_bytes."""
     C = num_classes or cfg.data.num_classes
     if C is None:
         raise ValueError("storage: the config does not say how many classes (data.num_classes) and no data was given")
@@ -171,6 +208,9 @@ def storage_report(cfg, num_classes: int | None = None, class_names: list[str] |
         "backbone_downloaded": downloaded,
         "head_init": cfg.head_init,
         "sre2l_soft_label_bytes": sre2l,
+        **compressed_label_bytes(cfg, n_images, C),
+        "stored_topk": min(cfg.student.stored_topk, C - 1),
+        "stored_pool_fraction": cfg.student.stored_pool_fraction,
         "teacher_bytes": teacher,
     }
 

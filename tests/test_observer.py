@@ -11,7 +11,7 @@ from hello_fast.errors import HelloError
 from hello_fast.models.students import build_model
 from hello_fast.pipeline import Pipeline
 from hello_fast.stages import select as sel
-from hello_fast.stages.teachers import observer_path
+from hello_fast.layout import observer_path
 
 
 def test_observer_values_are_checked():

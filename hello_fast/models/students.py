@@ -134,3 +134,12 @@ def top1(model: nn.Module, batches, device, normalize) -> float:
     model.train(was_training)
     correct, total = distributed.sum_over_ranks([correct, total], device)
     return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def mean_teacher_logits(teachers, x: torch.Tensor) -> torch.Tensor:
+    """The weak teachers' averaged logits (Eq. 5's Y')."""
+    out = teachers[0](x).float()
+    for t in teachers[1:]:
+        out += t(x).float()
+    return out / len(teachers)

@@ -20,10 +20,11 @@ from hello_fast._progress import log, progress
 from hello_fast._util import Normalize
 from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
+from hello_fast.layout import ARTIFACT, PROJECTOR, load_teachers
 from hello_fast.logs import TrainingLog
 from hello_fast.models.backbone import configured_image_size, load_backbone
 from hello_fast.models.clip import template_strings
-from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
+from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, mean_teacher_logits
 from hello_fast.projector.artifact import (
     artifact_metadata,
     artifact_tensors,
@@ -40,14 +41,8 @@ from hello_fast.projector.model import (
     projector_image_size,
 )
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
-NAME = "projector"
-ARTIFACT = "artifact.safetensors"
-
-
-def artifact_path(run) -> str:
-    return run.path(NAME, ARTIFACT)
+NAME = PROJECTOR
 
 
 @torch.no_grad()

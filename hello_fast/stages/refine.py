@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from hello_fast._progress import log, progress
 from hello_fast.data.distilled import load_distilled, save_distilled
+from hello_fast.layout import artifact_path
 from hello_fast.projector.artifact import load_projector
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.projector import artifact_path
 
 NAME = "refine"
 SELECT = "select"  # the stage whose images it refines

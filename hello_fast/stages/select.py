@@ -30,11 +30,10 @@ from hello_fast.config import is_checkpoint_path
 from hello_fast.data.distilled import save_distilled
 from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
 from hello_fast.errors import HelloError
+from hello_fast.layout import artifact_path, observer_path
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
 from hello_fast.projector.artifact import load_projector
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.projector import artifact_path
-from hello_fast.stages.teachers import observer_path
 
 NAME = "select"
 

@@ -33,6 +33,7 @@ from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
 from hello_fast.data.dali import DaliDistilledSet
 from hello_fast.data.distilled import load_distilled
 from hello_fast.data.loader import batches
+from hello_fast.layout import distilled_stage
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import (
     IMAGENET_MEAN,
@@ -158,8 +159,8 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     val = batches(val_set, size=S, batch_size=sc.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
                   loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize, sharded=True)
-    beta = 1.0 if source.name == "hard" else sc.beta
     loss_fn = soft_label_loss if fast else soft_label_loss_reference
+    loss_kwargs = labels.loss_settings(source, sc)  # rded brings its own (KL at T=20, no CE)
     overlap_choice = {"on": True, "off": False}.get(sc.overlap)  # None: measure (GPUs only)
     if device.type != "cuda":
         overlap_choice = False
@@ -189,8 +190,7 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
                 group["lr"] = lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(batch.views[0])
-            kwargs = dict(mode=sc.loss, temperature=sc.temperature, beta=beta)
-            loss = loss_fn(logits.float(), target, batch.hard, batch.partner, batch.lam, **kwargs)
+            loss = loss_fn(logits.float(), target, batch.hard, batch.partner, batch.lam, **loss_kwargs)
             if distributed.world().distributed:
                 loss = loss * distributed.loss_weight(batch.hard.numel(), device)
             guard.add(loss)
@@ -241,11 +241,6 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
     return result
 
 
-def distilled_stage(cfg) -> str:
-    """The stage whose images the students train on: refine when it is on, else select."""
-    return "refine" if cfg.refine.enabled else "select"
-
-
 def train_student_stage(inputs: StageInputs, out: str) -> dict:
     """One student (the unit's label source) on the finished distilled set; its files in `out`."""
     cfg = inputs.cfg
@@ -257,7 +252,7 @@ def train_student_stage(inputs: StageInputs, out: str) -> dict:
 
 def _reads(cfg, source) -> tuple[str, ...]:
     reads = [distilled_stage(cfg)]
-    if source in ("teacher", "stored"):
+    if source in ("teacher", "rded") or source in labels.STORED:
         reads.append("teachers")
     if source == "projector" and not cfg.student.artifact:
         reads.append("projector")
@@ -265,13 +260,19 @@ def _reads(cfg, source) -> tuple[str, ...]:
 
 
 def _identity(cfg, source) -> tuple[str, ...]:
-    """A student.artifact file enters by its tensors' hash and the backbone weights it is paired with."""
+    """A student.artifact file enters by its tensors' hash and the backbone weights it is paired with; a
+    compressed stored-label source by its own option."""
     if source == "projector" and cfg.student.artifact:
         _, meta = read_artifact(cfg.student.artifact)
         return (meta["tensors_sha256"], cfg.student.artifact_weights or "")
+    if source == "stored_topk":
+        return (f"top-k {cfg.student.stored_topk}",)
+    if source == "stored_pool":
+        return (f"pool {cfg.student.stored_pool_fraction!r}",)
     return ()
 
 
-# One student (one label source) does not read the list of sources, nor another source's artifact.
-STAGE = Stage(NAME, options=("data", "student", "-student.label_sources", "-student.artifact", "-student.artifact_weights"),
+# One student (one label source) does not read the list of sources, nor another source's artifact or options.
+STAGE = Stage(NAME, options=("data", "student", "-student.label_sources", "-student.artifact", "-student.artifact_weights",
+                             "-student.stored_topk", "-student.stored_pool_fraction"),
               run=train_student_stage, reads=_reads, identity=_identity, units=lambda cfg: tuple(cfg.student.label_sources))

@@ -2,8 +2,9 @@
 
 One network is trained on the original train set with PyTorch's ImageNet recipe (SGD, momentum,
 step decay); the checkpoints at `teachers.keep_epochs` are kept. Their averaged soft labels guide
-the projector (Eq. 5); the last one is the default RDED observer. With `select.observer: full` the
-run goes on to `teachers.epochs` and that fully trained network is kept too, as RDED's observer.
+the projector (Eq. 5); the last one is the default RDED observer. With `select.observer: full`, or
+with the `rded` label source in student.label_sources, the run goes on to `teachers.epochs` and that
+fully trained network is kept too (RDED's observer and RDED's online labeler).
 """
 from __future__ import annotations
 
@@ -14,19 +15,16 @@ import torch.nn.functional as F
 
 from hello_fast import distributed
 from hello_fast._progress import log, progress
-from hello_fast._util import Normalize, load_network, save_model
+from hello_fast._util import Normalize, save_model
 from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
 from hello_fast.errors import HelloError
+from hello_fast.layout import TEACHERS, teacher_path
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
 from hello_fast.stages.contract import Stage, StageInputs
 
-NAME = "teachers"
-
-
-def teacher_path(stage_dir: str, epoch: int) -> str:
-    return os.path.join(stage_dir, f"epoch_{epoch:03d}.safetensors")
+NAME = TEACHERS
 
 
 def train_teachers(inputs: StageInputs, out: str) -> dict:
@@ -105,8 +103,9 @@ def train_teachers(inputs: StageInputs, out: str) -> dict:
 
 
 def trains_full(cfg) -> bool:
-    """Whether the teacher run goes on to teachers.epochs for a fully trained RDED observer."""
-    return cfg.select.method == "rded" and cfg.select.observer == "full"
+    """Whether the teacher run goes on to teachers.epochs for a fully trained network: RDED's observer
+    (select.observer: full) or RDED's online labeler (the `rded` label source)."""
+    return (cfg.select.method == "rded" and cfg.select.observer == "full") or "rded" in cfg.student.label_sources
 
 
 def last_epoch(cfg) -> int:
@@ -114,36 +113,11 @@ def last_epoch(cfg) -> int:
     last = max(cfg.teachers.keep_epochs)
     if trains_full(cfg):
         if cfg.teachers.epochs < last:
-            raise HelloError(f"select.observer: full trains the teachers to teachers.epochs ({cfg.teachers.epochs}), "
+            raise HelloError(f"a fully trained network (select.observer: full, or the rded label source) trains the "
+                             f"teachers to teachers.epochs ({cfg.teachers.epochs}), "
                              f"which is before the last weak teacher (epoch {last}); raise teachers.epochs")
         last = cfg.teachers.epochs
     return last
-
-
-def load_teachers(run, device) -> list[torch.nn.Module]:
-    """Every weak teacher of a finished teachers stage, in epoch order, in eval mode."""
-    done = run.done(NAME)
-    return [load_network(run.path(NAME, name), device)[0] for name in done["summary"]["checkpoints"]]
-
-
-def observer_path(run, full: bool = False) -> str:
-    """The RDED observer: the last (strongest) weak teacher, or with `full` the fully trained network."""
-    summary = run.done(NAME)["summary"]
-    if full:
-        if "observer" not in summary:
-            raise HelloError(f"the teachers stage in {run.root} kept no fully trained network (select.observer was not "
-                             f"full when it ran): rerun `hello-fast teachers --out {run.root}`")
-        return run.path(NAME, summary["observer"])
-    return run.path(NAME, summary["checkpoints"][-1])
-
-
-@torch.no_grad()
-def mean_teacher_logits(teachers, x: torch.Tensor) -> torch.Tensor:
-    """The weak teachers' averaged logits (Eq. 5's Y')."""
-    out = teachers[0](x).float()
-    for t in teachers[1:]:
-        out += t(x).float()
-    return out / len(teachers)
 
 
 def _identity(cfg, unit) -> tuple[str, ...]:
