@@ -237,7 +237,7 @@ def run(args) -> dict:
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)
         writer = s.labeler("fast")
-        stored = labels.StoredLabels.write(tmp, s.resident, writer, schedule.schedule_of(cfg, len(s.resident)), out_size=args.res,
+        stored = labels.StoredLabels.write(tmp, s.resident, writer, labels.stored_description("stored", cfg, len(s.resident)), out_size=args.res,
                                            scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0,
                                            views=schedule.views_for(writer, s.device, True))
         step_s["stored"] = _fast_loop(s, stored, args.steps)

@@ -102,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("storage", help="label storage of each scheme (HeLlO artifact, SRe2L labels, RDED teacher) for a preset",
                        description="The exact label storage, in bytes, of each scheme for a config: the projector's label "
                                    "artifact, SRe2L-style stored soft labels for every augmented image of every epoch "
-                                   "(with the augmentation parameters), and the RDED teacher network.")
+                                   "(with the augmentation parameters) and their compressed forms (int8, int4, top-k, "
+                                   "LPLD's pruned pool), and the RDED teacher network.")
     p.add_argument("--config", metavar="PRESET|FILE", default="digits", help="a preset or YAML file (default: digits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--json", action="store_true", help="print JSON with keys artifact_bytes (configured dtype), artifact_bytes_fp16, "
-                   "artifact_bytes_int8, backbone_bytes, sre2l_soft_label_bytes, teacher_bytes")
+                   "artifact_bytes_int8, backbone_bytes, sre2l_soft_label_bytes, stored_int8_label_bytes, "
+                   "stored_int4_label_bytes, stored_topk_label_bytes, stored_pool_label_bytes, teacher_bytes")
     p = sub.add_parser("config", help="every config key of a preset or file: its value, type and what it does",
                        description="Print a config (a preset or YAML file, with --set overrides) as YAML with every key's "
                                    "type and help; keys marked result-neutral never make a finished stage stale.")
@@ -229,6 +231,10 @@ def _cmd_storage(args) -> int:
     rows = [(f"HeLlO label artifact ({r['artifact_dtype']})", r["artifact_bytes"]),
             *[(f"  same in {d}", r[f"artifact_bytes_{d}"]) for d in ("fp32", "fp16", "int8") if d != r["artifact_dtype"]],
             ("SRe2L stored soft labels", r["sre2l_soft_label_bytes"]),
+            ("  same, int8 per crop (stored_int8)", r["stored_int8_label_bytes"]),
+            ("  same, int4 per crop (stored_int4)", r["stored_int4_label_bytes"]),
+            (f"  same, top-{r['stored_topk']} per crop (stored_topk)", r["stored_topk_label_bytes"]),
+            (f"  LPLD pool, {r['stored_pool_fraction']:g} of batches (stored_pool)", r["stored_pool_label_bytes"]),
             ("RDED teacher (ResNet-18)", r["teacher_bytes"]),
             (f"{'CLIP backbone' if r['backbone_kind'] == 'clip' else 'backbone'}, {r['backbone']}", r["backbone_bytes"])]
     width = max(36, *(len(name) for name, _ in rows))

@@ -160,7 +160,11 @@ def test_the_pool_cycles_through_every_kept_batch(sources_run, tmp_path):
     assert pool.pool_order(1) == pool.pool_order(1)
 
 
-def test_storage_lists_every_baseline():
+def test_storage_lists_every_baseline(cli_here):
+    out = cli_here("storage", "--set", "student.stored_topk=3")
+    assert out.returncode == 0
+    for line in ("stored_int8", "stored_int4", "top-3 per crop (stored_topk)", "LPLD pool, 0.1 of batches (stored_pool)"):
+        assert line in out.stdout
     cfg = tiny_config("student.stored_topk=2", "student.stored_pool_fraction=0.5")
     r = storage_report(cfg, 3, ["a", "b", "c"])
     crops = cfg.student.epochs * 6
