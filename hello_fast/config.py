@@ -114,6 +114,9 @@ class SelectConfig:
     method: Literal["rded", "random"] = opt("rded", "rded (RDED patch selection, Eq. 6) or random (a random real subset)")
     ipc: int = opt(10, "distilled images per class", min=1)
     factor: int = opt(2, "RDED: each image tiles factor x factor selected patches", min=1)
+    tiling: Literal["interleave", "consecutive"] = opt(
+        "interleave", "RDED: which ranked patches share an image: interleave (RDED's mix_images: image i gets ranks i, "
+        "ipc+i, 2*ipc+i, ...) | consecutive (ranks i*f*f to (i+1)*f*f-1 together; this package before 2026-12)")
     candidates_per_class: int = opt(300, "RDED: real images sampled per class", min=1)
     crops_per_image: int = opt(5, "RDED: random-resized crops scored per image", min=1)
     crop_scale: list[float] = opt([0.08, 1.0], "RDED: RandomResizedCrop scale range of the patches", interval=True)

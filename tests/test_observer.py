@@ -1,4 +1,4 @@
-"""select.observer: the last weak teacher, a fully trained teacher (RDED's observer), or the user's own checkpoint."""
+"""select.observer: the last weak teacher, a fully trained teacher (RDED's observer), or the user's own checkpoint; RDED's tiling."""
 import os
 
 import pytest
@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 
 from hello_fast.config import load_config
 from hello_fast.errors import HelloError
+from hello_fast.layout import observer_path
 from hello_fast.models.students import build_model
 from hello_fast.pipeline import Pipeline
 from hello_fast.stages import select as sel
-from hello_fast.layout import observer_path
 
 
 def test_observer_values_are_checked():
@@ -86,3 +86,17 @@ def test_a_wrong_checkpoint_is_named(tmp_path):
     with pytest.raises(HelloError, match="not a plain tensor checkpoint"):
         sel.make_observer(tiny_config(f"select.observer={path}"), None, "cpu", 3)
     assert os.path.isfile(path)
+
+
+def test_tiles_interleave_the_ranks_as_rdeds_mix_images():
+    ipc, f, p = 3, 2, 4
+    ranks = torch.arange(ipc * f * f)
+    patches = ranks.view(-1, 1, 1, 1).expand(-1, 3, p, p).to(torch.uint8).contiguous()
+    images = sel.tile_patches(patches, ipc, f)
+    assert images.shape == (ipc, 3, f * p, f * p)
+    for i in range(ipc):
+        cells = [int(images[i, 0, r * p, c * p]) for r in range(f) for c in range(f)]  # row-major grid cells
+        assert cells == [k * ipc + i for k in range(f * f)]  # image i: ranks i, ipc+i, 2 ipc+i, ...
+        assert (images[i, :, :p, :p] == i).all()
+    old = sel.tile_patches(patches, ipc, f, "consecutive")
+    assert [int(old[0, 0, r * p, c * p]) for r in range(f) for c in range(f)] == [0, 1, 2, 3]

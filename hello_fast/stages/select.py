@@ -4,8 +4,10 @@ RDED (Sun et al., LINs-lab/RDED): per class, sample `candidates_per_class` real 
 `crops_per_image` random-resized crops of each at 1/factor resolution (aspect ratio 1); score each
 crop, zero-padded to full size, by the observer's cross-entropy with the image's class; keep each
 image's best crop, then the class's ipc * factor^2 lowest-CE crops, and tile them factor x factor
-into ipc images. `random` keeps ipc random real images per class ("A Label is Worth a Thousand
-Images": a random subset with good soft labels is a strong baseline).
+into ipc images, interleaved as RDED's `mix_images` does (image i gets difficulty ranks i, ipc+i,
+2*ipc+i, ...; `select.tiling: consecutive` puts consecutive ranks in one image instead). `random`
+keeps ipc random real images per class ("A Label is Worth a Thousand Images": a random subset with
+good soft labels is a strong baseline).
 
 The observer (`select.observer`): `teacher` / `last_weak`, the last weak teacher; `full`, the teacher
 run trained on to `teachers.epochs` (RDED observes with a fully trained ResNet-18: torchvision's
@@ -191,14 +193,32 @@ def rded_select(cfg, train_set, observer: Observer, device) -> tuple[torch.Tenso
         while len(chosen) < need:  # fewer crops than patches needed: repeat the best ones
             chosen += ranked[: need - len(chosen)]
         mean_ce.append(sum(v for _, v, _, _ in chosen) / need)
-        tiles = torch.stack([crops_of[i][kk] for _, _, i, kk in chosen])  # (ipc*f*f, 3, patch, patch)
-        tiles = tiles.view(sc.ipc, f, f, 3, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(sc.ipc, 3, f * patch, f * patch)
+        tiles = tile_patches(torch.stack([crops_of[i][kk] for _, _, i, kk in chosen]), sc.ipc, f, sc.tiling)
         if f * patch != S:
             tiles = TF.resize(tiles, [S, S], antialias=True)
         images.append(tiles)
         labels += [c] * sc.ipc
     stats = {"mean_selected_ce": sum(mean_ce) / len(mean_ce), "scored_images": len(crops_of)}
     return torch.cat(images), torch.tensor(labels), stats
+
+
+def tile_patches(patches: torch.Tensor, ipc: int, factor: int, tiling: str = "interleave") -> torch.Tensor:
+    """ipc images (ipc, 3, f*p, f*p) tiled from patches (ipc*f*f, 3, p, p) given in difficulty rank order.
+
+    interleave (RDED's mix_images): image i holds ranks i, ipc+i, 2*ipc+i, ..., rank k*ipc+i in grid
+    cell k (row-major), so every image mixes easy and hard patches; consecutive: image i holds ranks
+    i*f*f .. (i+1)*f*f - 1 (this package's rule before 2026-12: the easiest patches share image 0).
+    """
+    n, c, p, _ = patches.shape
+    if n != ipc * factor * factor:
+        raise ValueError(f"tile_patches: {n} patches for {ipc} images of {factor}x{factor}")
+    if tiling == "interleave":
+        grid = patches.view(factor, factor, ipc, c, p, p).permute(2, 3, 0, 4, 1, 5)
+    elif tiling == "consecutive":
+        grid = patches.view(ipc, factor, factor, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    else:
+        raise ValueError(f"tile_patches: tiling must be interleave or consecutive, got {tiling!r}")
+    return grid.reshape(ipc, c, factor * p, factor * p)
 
 
 def random_select(cfg, train_set) -> tuple[torch.Tensor, torch.Tensor, dict]:
