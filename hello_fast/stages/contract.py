@@ -27,7 +27,7 @@ class StageInputs:
     """What a stage's `run` gets besides its own folder."""
 
     cfg: Config
-    run: RunDir  # finished upstream stages' files, read through their stage modules (load_teachers, artifact_path, ...)
+    run: RunDir  # finished upstream stages' files, found through hello_fast.layout (load_teachers, artifact_path, ...)
     device: torch.device
     load_data: Callable[[], tuple]  # the original (train, val) image sets, loaded once, on first use
     unit: str | None = None  # the unit of a stage with several (the student's label source)
