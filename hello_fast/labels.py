@@ -32,15 +32,15 @@ import os
 import torch
 
 from hello_fast import distributed
-from hello_fast._util import load_network
 from hello_fast._io import atomic_path, write_json
 from hello_fast._progress import log, progress
+from hello_fast._util import load_network
 from hello_fast.errors import HelloError
-from hello_fast.projector.artifact import load_projector
-from hello_fast.relabel import Relabeler
 from hello_fast.layout import artifact_path, load_teachers, observer_path
 from hello_fast.models.students import mean_teacher_logits
-from hello_fast.stages.schedule import resident_set, schedule_of, views_for
+from hello_fast.projector.artifact import load_projector
+from hello_fast.relabel import Relabeler
+from hello_fast.stages.schedule import resident_set, schedule_of, views_for  # the specs rework moves it out of stages
 from hello_fast.storage import network_bytes
 
 
