@@ -102,5 +102,5 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     from hello_fast.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(ckpt))
-    assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["weights"].values() if v.is_floating_point())
     assert not (tmp_path / "nan" / "teachers" / "done.json").exists()

@@ -184,7 +184,7 @@ def test_fast_and_plain_steps_compute_the_same_thing(run_dir, tmp_path, source):
         pipe = Pipeline(cfg, run_dir, device="cpu")
         src = label_source(source, cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
         res = schedule.resident_set(cfg, distilled, "cpu")
-        steps = st._Steps(cfg, res, src, schedule.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
+        steps = st.EpochBatches(cfg, res, src, schedule.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
                           torch.device("cpu"), overlap=False)
         batch, target = next(iter(steps))
         torch.manual_seed(0)
