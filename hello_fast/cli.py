@@ -193,13 +193,13 @@ def _cmd_stage(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from hello_fast.pipeline import Pipeline
+    from hello_fast.pipeline import STATES, Pipeline
 
     cfg = _load_cfg(args)
     out = args.out or os.path.join("runs", cfg.name)
     states = Pipeline(cfg, out, device="cpu").status()
-    if args.json:
-        print(json.dumps({name: st for name, st in states.items() if st["state"] != "off"}, indent=2))
+    if args.json:  # the stages the config turns off are left out
+        print(json.dumps({name: st for name, st in states.items() if st["state"] in STATES}, indent=2))
         return 0
     width = max(map(len, states))
     print(f"run directory {os.path.abspath(out)} with config {cfg.name}:")

@@ -210,6 +210,8 @@ class Pipeline:
             done = self._skip(name, fp)
             if done is None:
                 self._require_inputs(stage, unit)
+                if s.reads_data:  # on every rank, before rank 0 may work alone: the image check waits for all ranks
+                    self.data()
                 seed_everything(self.cfg.seed)
                 inputs = StageInputs(self.cfg, self.run, self.device, self.data, unit)
                 basis = self._basis(stage, unit)
@@ -341,7 +343,11 @@ class Pipeline:
             reasons.append("the data changed")
         if before.get("identity") != now["identity"]:
             reasons.append("a file it reads changed")
-        reasons += [f"input {up} changed" for up, fp in now["inputs"].items() if (before.get("inputs") or {}).get(up) != fp]
+        was_in, now_in = before.get("inputs") or {}, now["inputs"]
+        added, dropped = [up for up in now_in if up not in was_in], [up for up in was_in if up not in now_in]
+        if added or dropped:  # e.g. the students read select once refine is off
+            reasons.append(f"reads {', '.join(added) or 'nothing more'} now" + (f" instead of {', '.join(dropped)}" if dropped else ""))
+        reasons += [f"input {up} changed" for up, fp in now_in.items() if up in was_in and was_in[up] != fp]
         return "; ".join(reasons) or "options changed"
 
 

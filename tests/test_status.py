@@ -98,7 +98,7 @@ def test_a_stage_the_config_turns_off_is_off_not_missing(tiny_run, cli_here):
     assert "refine" not in status  # the JSON holds only current | stale | missing
     assert all(s["state"] in ("current", "stale", "missing") for s in status.values())
     # the students now read the selected images, not the refined ones: a change of input
-    assert status["student/hard"]["state"] == "stale"
+    assert status["student/hard"] == {"state": "stale", "reason": "reads select now instead of refine"}
     text = cli_here("status", "--out", run, "--set", "refine.enabled=false").stdout
     assert any(line.split()[:2] == ["refine", "off"] for line in text.splitlines())
 
