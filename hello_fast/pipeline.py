@@ -346,7 +346,8 @@ class Pipeline:
         was_in, now_in = before.get("inputs") or {}, now["inputs"]
         added, dropped = [up for up in now_in if up not in was_in], [up for up in was_in if up not in now_in]
         if added or dropped:  # e.g. the students read select once refine is off
-            reasons.append(f"reads {', '.join(added) or 'nothing more'} now" + (f" instead of {', '.join(dropped)}" if dropped else ""))
+            instead = f" instead of {', '.join(dropped)}" if dropped else ""
+            reasons.append(f"reads {', '.join(added) or 'nothing more'} now{instead}")
         reasons += [f"input {up} changed" for up, fp in now_in.items() if up in was_in and was_in[up] != fp]
         return "; ".join(reasons) or "options changed"
 
