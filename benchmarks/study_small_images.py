@@ -45,11 +45,11 @@ def run_variant(base_run: str, work: str, name: str, overrides: list[str], sourc
     for stage in reuse:  # copied, not retrained: the variant may change only the other stages
         if not pipe.run.is_current(stage, pipe.fingerprint(stage)):
             raise SystemExit(f"variant {name}: {overrides} changes the {stage} stage, which this study keeps")
-    select = pipe.select()
+    select = pipe.run_stage("select")
     start = time.perf_counter()
-    projector = pipe.projector()
+    projector = pipe.run_stage("projector")
     projector_seconds = time.perf_counter() - start
-    pipe.refine()
+    pipe.run_stage("refine")
     distilled = load_distilled(pipe.run.path(distilled_stage(cfg)))
     train_set, val_set = pipe.data()
     rows = []

@@ -143,6 +143,8 @@ SLOW = {
     "test_stages.py::test_rerun_skips_finished_stages_and_redoes_stale_ones": "a second distill",
     "test_stages.py::test_same_seed_same_result": "a second distill",
     "test_stages.py::test_students_by_name": "the student stage once per torchvision architecture",
+    "test_status.py::test_on_a_folder_run_status_is_current_opens_no_image_and_writes_nothing": "a distill on a folder",
+    "test_status.py::test_on_a_folder_run_a_touched_image_makes_the_data_new": "a distill on a folder",
     "test_storage.py::test_imagenet1k_ipc10_matches_the_paper": "full-size CLIP RN50 models, built to be counted",
     "test_storage.py::test_other_presets_match_the_papers_table_1": "full-size CLIP RN50 models, built to be counted",
     "test_storage.py::test_backbone_and_compact_artifact_sizes": "full-size CLIP RN50 models, built to be counted",
