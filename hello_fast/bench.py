@@ -32,11 +32,12 @@ from hello_fast import _progress, labels
 from hello_fast._progress import log
 from hello_fast.config import load_config
 from hello_fast.data.resident import ResidentSet
+from hello_fast.data.spec import AugmentRecipe
 from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
 from hello_fast.ops import soft_label_loss
 from hello_fast.projector.model import build_projector
-from hello_fast.stages import schedule
+from hello_fast.data import schedule
 from hello_fast.stages import student as st
 
 
@@ -70,7 +71,8 @@ class _Setup:
         src_res = int(args.res * 8 / 7)  # distilled images a bit larger than the crops
         self.images = torch.randint(0, 256, (n, 3, src_res, src_res), dtype=torch.uint8, generator=g)
         self.labels = torch.randint(0, self.C, (n,), generator=g)
-        self.resident = ResidentSet(self.images, self.labels, self.device, seed=1)
+        recipe = AugmentRecipe.from_config(load_config("digits", [f"data.image_size={args.res}", "data.flip=true"]))
+        self.resident = ResidentSet(self.images, self.labels, self.device, recipe, seed=1)
         backbone = load_clip(args.projector, None, 0)
         head = F.normalize(torch.randn(self.C, backbone.model.visual.output_dim, generator=g), dim=-1)
         self.projector = build_projector(backbone, [f"c{i}" for i in range(self.C)], ["{}"], conv_rank=args.conv_rank,
@@ -237,8 +239,7 @@ def run(args) -> dict:
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)
         writer = s.labeler("fast")
-        stored = labels.StoredLabels.write(tmp, s.resident, writer, schedule.schedule_of(cfg, len(s.resident)), out_size=args.res,
-                                           scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0,
+        stored = labels.StoredLabels.write(tmp, s.resident, writer, schedule.schedule_of(cfg, len(s.resident)),
                                            views=schedule.views_for(writer, s.device, True))
         step_s["stored"] = _fast_loop(s, stored, args.steps)
     step_s["floor"] = _floor(s, args.steps)

@@ -45,12 +45,13 @@ from hello_fast.models.students import (
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 from hello_fast.projector.artifact import read_artifact
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.schedule import (
+from hello_fast.data.schedule import (
+    resident_seed,
     resident_set,
     schedule_of,
-    shuffle_factor,
     views_for,
 )
+from hello_fast.data.spec import AugmentRecipe, DataPass
 
 NAME = "student"
 
@@ -70,11 +71,9 @@ def training_set(cfg, distilled, device, source, views):
         log(f"student ({source.name}): stored labels replay exact crops; using the resident set, not DALI")
         return resident_set(cfg, distilled, device)
 
-    threads = cfg.data.num_workers if cfg.data.num_workers > 0 else min(4, os.cpu_count() or 1)
-    return DaliDistilledSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4,
-                            batch_size=max(distributed.share_sizes(sc.batch_size)), out_size=cfg.data.image_size,
-                            scale=sc.scale, flip=cfg.data.flip, views=views, num_threads=threads,
-                            shuffle_factor=shuffle_factor(cfg))
+    return DaliDistilledSet(distilled.images, distilled.labels, device, AugmentRecipe.from_config(cfg), resident_seed(cfg),
+                            batch_size=max(distributed.share_sizes(sc.batch_size)), views=views,
+                            num_threads=DataPass.from_config(cfg).threads)
 
 
 class _Steps:
@@ -83,7 +82,6 @@ class _Steps:
     def __init__(self, cfg, resident, source, views, epoch, fast, device, overlap: bool):
         sc = cfg.student
         self.cfg, self.resident, self.source, self.views, self.fast = cfg, resident, source, views, fast
-        self.out = cfg.data.image_size
         self.channels_last = fast and device.type == "cuda"
         self.backend = None if fast else "torch"
         if source.replays:
@@ -98,13 +96,10 @@ class _Steps:
         if item is None:
             return None
         index, params, stored = item
-        sc = self.cfg.student
         if params is None:
-            params = self.resident.draw(index, out_size=self.out, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
-                                        alpha=sc.mix_alpha)
+            params = self.resident.draw(index)
         index, params, stored = self.resident.my_share(index, params, stored)
-        batch = self.resident.make(index, params, out_size=self.out, mix=sc.mix, views=self.views,
-                                   channels_last=self.channels_last, backend=self.backend)
+        batch = self.resident.make(index, params, views=self.views, channels_last=self.channels_last, backend=self.backend)
         batch.stored_logits = stored
         return batch, self.source(batch)
 
@@ -156,8 +151,8 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
         source.check_schedule(schedule_of(cfg, len(resident)))
     total = sc.epochs * resident.steps_per_epoch(sc.batch_size)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    val = batches(val_set, size=S, batch_size=sc.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
-                  loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize, sharded=True)
+    val = batches(val_set, DataPass.from_config(cfg, sharded=True), train=False, batch_size=sc.eval_batch_size,
+                  device=device)
     beta = 1.0 if source.name == "hard" else sc.beta
     loss_fn = soft_label_loss if fast else soft_label_loss_reference
     overlap_choice = {"on": True, "off": False}.get(sc.overlap)  # None: measure (GPUs only)

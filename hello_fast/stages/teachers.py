@@ -17,6 +17,7 @@ from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, load_network, save_model
 from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
+from hello_fast.data.spec import DataPass
 from hello_fast.errors import HelloError
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model, top1
@@ -61,9 +62,8 @@ def train_teachers(inputs: StageInputs, out: str) -> dict:
         tlog.begin_epoch()
         acc = None
         for images, labels, _ in progress(
-            batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
-                    epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                    loader=cfg.data.loader, device=device, sharded=True),
+            batches(train_set, DataPass.from_config(cfg, sharded=True), train=True, batch_size=tc.batch_size,
+                    seed=cfg.seed, epoch=epoch, device=device),
             desc=f"epoch {epoch}", unit="batch", disable_below=20,
         ):
             images, labels = images.to(device), labels.to(device)
@@ -77,9 +77,7 @@ def train_teachers(inputs: StageInputs, out: str) -> dict:
         guard.check("teachers", epoch, "teachers.lr", out)
         sched.step()
         if epoch in keep or (epoch == last and trains_full(cfg)):
-            val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
-                          num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                          eval_resize=cfg.data.eval_resize)
+            val = batches(val_set, DataPass.from_config(cfg, sharded=True), train=False, batch_size=256, device=device)
             acc = top1(net, val, device, norm)
             meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
                     "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
