@@ -36,6 +36,7 @@ from hello_fast.data.spec import AugmentRecipe
 from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
 from hello_fast.ops import soft_label_loss
+from hello_fast.ops.augment_mix import cutmix_box
 from hello_fast.projector.model import build_projector
 from hello_fast.data import schedule
 from hello_fast.stages import student as st
@@ -206,9 +207,8 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
         lam = float(torch.distributions.Beta(1.0, 1.0).sample())
         perm = torch.randperm(B, device=s.device)
         cut = int(s.args.res * (1 - lam) ** 0.5)
-        cy, cx = torch.randint(0, s.args.res, (2,)).tolist()
-        y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, s.args.res)
-        x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, s.args.res)
+        cy, cx = torch.randint(0, s.args.res, (2,))
+        y0, x0, y1, x1 = (int(v) for v in cutmix_box(cy, cx, torch.tensor(cut), s.args.res))
         for v in views:  # CutMix as a separate pass per view
             v[:, :, y0:y1, x0:x1] = v[perm, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / s.args.res**2
