@@ -31,11 +31,13 @@ from torchvision.transforms import v2
 from hello_fast import _progress, labels
 from hello_fast._progress import log
 from hello_fast.config import load_config
+from hello_fast.data import schedule
 from hello_fast.data.resident import Batch, ResidentSet
+from hello_fast.data.spec import AugmentRecipe
 from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
+from hello_fast.ops.augment_mix import cutmix_box
 from hello_fast.projector.model import build_projector
-from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
 
@@ -69,7 +71,8 @@ class _Setup:
         src_res = int(args.res * 8 / 7)  # distilled images a bit larger than the crops
         self.images = torch.randint(0, 256, (n, 3, src_res, src_res), dtype=torch.uint8, generator=g)
         self.labels = torch.randint(0, self.C, (n,), generator=g)
-        self.resident = ResidentSet(self.images, self.labels, self.device, seed=1)
+        recipe = AugmentRecipe.from_config(load_config("digits", [f"data.image_size={args.res}", "data.flip=true"]))
+        self.resident = ResidentSet(self.images, self.labels, self.device, recipe, seed=1)
         backbone = load_clip(args.projector, None, 0)
         head = F.normalize(torch.randn(self.C, backbone.model.visual.output_dim, generator=g), dim=-1)
         self.projector = build_projector(backbone, [f"c{i}" for i in range(self.C)], ["{}"], conv_rank=args.conv_rank,
@@ -193,9 +196,8 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
         lam = float(torch.distributions.Beta(1.0, 1.0).sample())
         perm = torch.randperm(B, device=s.device)
         cut = int(s.args.res * (1 - lam) ** 0.5)
-        cy, cx = torch.randint(0, s.args.res, (2,)).tolist()
-        y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, s.args.res)
-        x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, s.args.res)
+        cy, cx = torch.randint(0, s.args.res, (2,))
+        y0, x0, y1, x1 = (int(v) for v in cutmix_box(cy, cx, torch.tensor(cut), s.args.res))
         for v in views:  # CutMix as a separate pass per view
             v[:, :, y0:y1, x0:x1] = v[perm, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / s.args.res**2
@@ -226,8 +228,7 @@ def run(args) -> dict:
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)
         writer = s.labeler("fast")
-        stored = labels.StoredLabels.write(tmp, s.resident, writer, schedule.schedule_of(cfg, len(s.resident)), out_size=args.res,
-                                           scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0,
+        stored = labels.StoredLabels.write(tmp, s.resident, writer, schedule.schedule_of(cfg, len(s.resident)),
                                            views=schedule.views_for(writer, s.device, True))
         step_s["stored"] = _fast_loop(s, stored, args.steps)
     step_s["floor"] = _floor(s, relabel, args.steps)

@@ -5,8 +5,8 @@
 - `projector`: the label artifact's projector through a Relabeler, online (HeLlO);
 - `stored`: SRe2L-style soft labels, written once for the whole schedule (fp16 logits and the
   augmentation parameters of every batch of every epoch) and read back per batch. Replay only
-  works for the exact schedule they were written for (seed, epochs, batch size, image count,
-  resolution, mixing), which is checked: a mismatch is an error, not silently wrong labels.
+  works for the exact schedule they were written for (the students' AugmentRecipe, seed, epochs,
+  batch size, image count, ranks: hello_fast.data.schedule.schedule_of), which is checked: a mismatch is an error, not silently wrong labels.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from hello_fast.errors import HelloError
 from hello_fast.projector.artifact import load_projector
 from hello_fast.relabel import Relabeler
 from hello_fast.stages.projector import artifact_path
-from hello_fast.stages.schedule import resident_set, schedule_of, views_for
+from hello_fast.data.schedule import resident_set, schedule_of, views_for
 from hello_fast.stages.teachers import load_teachers, mean_teacher_logits
 
 
@@ -140,12 +140,13 @@ class StoredLabels(LabelSource):
         return batch.stored_logits
 
     @classmethod
-    def write(cls, directory: str, resident, labeler: LabelSource, schedule: dict, *, out_size: int, scale, flip: bool,
-              mix: str, alpha: float, views, progress=None) -> "StoredLabels":
-        """Draw the whole schedule's batches once, label them with `labeler`, and store params + fp16 logits.
+    def write(cls, directory: str, resident, labeler: LabelSource, schedule: dict, *, views,
+              progress=None) -> "StoredLabels":
+        """Draw the whole schedule's batches once by the resident set's AugmentRecipe, label them with `labeler`,
+        and store params + fp16 logits.
 
-        `resident` must be in the state the training loop will start from (same seed), so replay
-        gives the training loop exactly these batches.
+        `resident` must be in the state the training loop will start from (same seed and recipe), so
+        replay gives the training loop exactly these batches.
         """
         from safetensors.torch import save_file
 
@@ -156,8 +157,8 @@ class StoredLabels(LabelSource):
             tensors = {}
             order = resident.epoch_order(schedule["batch_size"])
             for step, index in enumerate(order):
-                params = resident.draw(index, out_size=out_size, scale=scale, flip=flip, mix=mix, alpha=alpha)
-                batch = resident.make(index, params, out_size=out_size, mix=mix, views=views)
+                params = resident.draw(index)
+                batch = resident.make(index, params, views=views)
                 logits = labeler(batch)
                 tensors[f"{step}.index"] = index.cpu()
                 for k, v in params.items():
@@ -190,9 +191,8 @@ def label_source(source: str, cfg, run, distilled, out_dir: str, device, train_s
         schedule = schedule_of(cfg, len(distilled))
         if distributed.world().main and not StoredLabels.complete(folder, schedule):
             resident = resident_set(cfg, distilled, device)
-            StoredLabels.write(folder, resident, teachers, schedule, out_size=cfg.data.image_size, scale=sc.scale,
-                               flip=cfg.data.flip, mix=sc.mix, alpha=sc.mix_alpha,
-                               views=views_for(teachers, device, fast), progress=progress)
+            StoredLabels.write(folder, resident, teachers, schedule, views=views_for(teachers, device, fast),
+                               progress=progress)
         distributed.barrier()
         return StoredLabels(folder, device)
     if source != "projector":

@@ -19,6 +19,7 @@ from hello_fast import distributed
 from hello_fast._progress import log
 from hello_fast._util import Normalize
 from hello_fast.data.loader import batches
+from hello_fast.data.spec import DataPass
 from hello_fast.engine import Engine
 from hello_fast.logs import TrainingLog
 from hello_fast.models.backbone import configured_image_size, load_backbone
@@ -55,9 +56,8 @@ def projector_top1(projector, val_set, cfg, device) -> float:
     """Val top-1 of the projector in percent (each rank its share, summed)."""
     projector.eval()
     correct = total = 0
-    for images, labels, _ in batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
-                                     num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                                     eval_resize=cfg.data.eval_resize):
+    for images, labels, _ in batches(val_set, DataPass.from_config(cfg, sharded=True), train=False, batch_size=256,
+                                     device=device):
         pred = projector(projector.normalize(images.to(device))).argmax(1).cpu()
         correct += int((pred == labels).sum())
         total += labels.numel()
@@ -78,8 +78,7 @@ def initial_head(cfg, backbone, train_set, device) -> tuple[torch.Tensor | None,
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     start = time.perf_counter()
     passes = ((images.to(device), labels) for images, labels, _ in
-              batches(train_set, size=cfg.data.image_size, batch_size=256, train=False, num_workers=cfg.data.num_workers,
-                      loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize))
+              batches(train_set, DataPass.from_config(cfg), train=False, batch_size=256, device=device))
     weight, center = prototype_head(backbone.visual, passes, lambda x: normalize_images(x, mean, std, size),
                                     train_set.num_classes)
     log(f"projector: prototype head from {len(train_set):,} training images at {size} px in "
@@ -133,9 +132,8 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
         log(f"projector: zero-shot val top-1 {summary['zero_shot_top1']:.1f}%")
 
     def epoch_batches(epoch):
-        return batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True, seed=cfg.seed + 1,
-                       epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                       loader=cfg.data.loader, device=device, sharded=True)
+        return batches(train_set, DataPass.from_config(cfg, sharded=True), train=True, batch_size=pc.batch_size,
+                       seed=cfg.seed + 1, epoch=epoch, device=device)
 
     def record(epoch, acc, _seconds):
         summary["top1"][str(epoch)] = acc

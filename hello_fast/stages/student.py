@@ -31,6 +31,13 @@ from hello_fast._util import Normalize, save_model
 from hello_fast.data.dali import DaliDistilledSet
 from hello_fast.data.distilled import load_distilled
 from hello_fast.data.loader import batches
+from hello_fast.data.schedule import (
+    resident_seed,
+    resident_set,
+    schedule_of,
+    views_for,
+)
+from hello_fast.data.spec import AugmentRecipe, DataPass
 from hello_fast.engine import Engine, every
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import (
@@ -44,12 +51,6 @@ from hello_fast.models.students import (
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 from hello_fast.projector.artifact import read_artifact
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.schedule import (
-    resident_set,
-    schedule_of,
-    shuffle_factor,
-    views_for,
-)
 
 NAME = "student"
 
@@ -69,11 +70,9 @@ def training_set(cfg, distilled, device, source, views):
         log(f"student ({source.name}): stored labels replay exact crops; using the resident set, not DALI")
         return resident_set(cfg, distilled, device)
 
-    threads = cfg.data.num_workers if cfg.data.num_workers > 0 else min(4, os.cpu_count() or 1)
-    return DaliDistilledSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4,
-                            batch_size=max(distributed.share_sizes(sc.batch_size)), out_size=cfg.data.image_size,
-                            scale=sc.scale, flip=cfg.data.flip, views=views, num_threads=threads,
-                            shuffle_factor=shuffle_factor(cfg))
+    return DaliDistilledSet(distilled.images, distilled.labels, device, AugmentRecipe.from_config(cfg), resident_seed(cfg),
+                            batch_size=max(distributed.share_sizes(sc.batch_size)), views=views,
+                            num_threads=DataPass.from_config(cfg).threads)
 
 
 class EpochBatches:
@@ -83,7 +82,6 @@ class EpochBatches:
     def __init__(self, cfg, resident, source, views, epoch, fast, device, overlap: bool):
         sc = cfg.student
         self.cfg, self.resident, self.source, self.views, self.fast = cfg, resident, source, views, fast
-        self.out = cfg.data.image_size
         self.channels_last = fast and device.type == "cuda"
         self.backend = None if fast else "torch"
         if source.replays:
@@ -98,13 +96,10 @@ class EpochBatches:
         if item is None:
             return None
         index, params, stored = item
-        sc = self.cfg.student
         if params is None:
-            params = self.resident.draw(index, out_size=self.out, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
-                                        alpha=sc.mix_alpha)
+            params = self.resident.draw(index)
         index, params, stored = self.resident.my_share(index, params, stored)
-        batch = self.resident.make(index, params, out_size=self.out, mix=sc.mix, views=self.views,
-                                   channels_last=self.channels_last, backend=self.backend)
+        batch = self.resident.make(index, params, views=self.views, channels_last=self.channels_last, backend=self.backend)
         batch.stored_logits = stored
         return batch, self.source(batch)
 
@@ -183,8 +178,8 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
     if source.replays:
         source.check_schedule(schedule_of(cfg, len(resident)))
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    val = batches(val_set, size=S, batch_size=sc.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
-                  loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize, sharded=True)
+    val = batches(val_set, DataPass.from_config(cfg, sharded=True), train=False, batch_size=sc.eval_batch_size,
+                  device=device)
     overlap = {"choice": {"on": True, "off": False}.get(sc.overlap)}  # None: measure (GPUs only)
     if device.type != "cuda":
         overlap["choice"] = False

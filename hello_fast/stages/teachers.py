@@ -16,6 +16,7 @@ from hello_fast import distributed
 from hello_fast._progress import log
 from hello_fast._util import Normalize, load_network, save_model
 from hello_fast.data.loader import batches
+from hello_fast.data.spec import DataPass
 from hello_fast.engine import Engine
 from hello_fast.errors import HelloError
 from hello_fast.logs import TrainingLog
@@ -54,13 +55,11 @@ def train_teachers(inputs: StageInputs, out: str) -> dict:
                     checkpoint_every=cfg.checkpoint_every, scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=tc.lr_step, gamma=0.1),
                     log=lambda first: TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first),
                     extra={"summary": (lambda: summary, summary.update)})
-    val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
-                  num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize)
+    data_pass = DataPass.from_config(cfg, sharded=True)
+    val = batches(val_set, data_pass, train=False, batch_size=256, device=device)
 
     def epoch_batches(epoch):
-        return batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
-                       epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                       loader=cfg.data.loader, device=device, sharded=True)
+        return batches(train_set, data_pass, train=True, batch_size=tc.batch_size, seed=cfg.seed, epoch=epoch, device=device)
 
     def keep_checkpoint(epoch, acc, _seconds):
         """A weak teacher (a kept epoch) or the fully trained observer (the last epoch) is saved with its val top-1."""
