@@ -138,7 +138,7 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
             images, labels = images.to(device), labels.to(device)
             target = mean_teacher_logits(teachers, teacher_norm(images))
             logits = net(projector.normalize(images))
-            loss = F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
+            loss = pc.mse_weight * F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
             loss = loss * distributed.loss_weight(labels.numel(), device)
             guard.add(loss)
             opt.zero_grad(set_to_none=True)
