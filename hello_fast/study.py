@@ -61,9 +61,9 @@ def _link_tree(src: str, dst: str) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
-def _stage_order(pipe: Pipeline, sources) -> list[str]:
-    """The stages the sources' students read, with everything they read, each after its inputs."""
-    needed, todo = set(), [s for source in sources for s in pipe.reads("student", source)]
+def _stage_order(pipe: Pipeline, sources, stages=()) -> list[str]:
+    """The stages the sources' students read (and `stages`), with everything they read, each after its inputs."""
+    needed, todo = set(), [s for source in sources for s in pipe.reads("student", source)] + list(stages)
     while todo:
         stage = todo.pop()
         if stage not in needed:
@@ -100,17 +100,18 @@ def link_finished_stages(pipe: Pipeline, stages, donors) -> list[str]:
     return linked
 
 
-def prepare_variant(cfg: Config, folder: str, donors, sources, device=None) -> Pipeline:
-    """The variant's run directory with every stage its sources' students read finished and current: linked from
-    a donor run where one finished it with the same fingerprint, run here otherwise."""
+def prepare_variant(cfg: Config, folder: str, donors, sources, device=None, stages=()) -> tuple[Pipeline, list[str]]:
+    """The variant's run directory with every stage its sources' students read (and `stages`) finished and current:
+    linked from a donor run that finished it with the same fingerprint, run here otherwise. Returns the Pipeline
+    and the stages linked."""
     pipe = Pipeline(cfg, folder, device=device)
-    order = _stage_order(pipe, sources)
+    order = _stage_order(pipe, sources, stages)
     linked = link_finished_stages(pipe, order, donors)
     if linked:
         log(f"study: {os.path.basename(folder)}: reusing finished {', '.join(linked)} (same fingerprints)")
     for stage in order:
         pipe.run_stage(stage)
-    return pipe
+    return pipe, linked
 
 
 def _continual_steps(num_classes: int, steps: int, seed: int) -> list[list[int]]:
@@ -140,22 +141,18 @@ def _cell_id(pipe: Pipeline, cfg: Config, cell: _Cell) -> str:
     return f"{cell.variant.name}.{cell.source}.{cfg.student.arch}.seed{cell.seed}{step}.{_hash(*parts)}"
 
 
-def _train_cell(pipe: Pipeline, cfg: Config, cell: _Cell, work: str) -> dict:
-    """One student of the cell; its row."""
+def train_cell(pipe: Pipeline, cfg: Config, source: str, work: str, classes=None) -> dict:
+    """One student on the variant's distilled images with `source` labels (`cfg`: the variant's config with the
+    student's seed); `classes`: a continual step's seen classes. Returns train_student's result; resumes from `work`."""
     distilled = load_distilled(pipe.run.path(student.distilled_stage(cfg)))
     train_set, val_set = pipe.data()
-    if cell.classes is not None:
-        distilled, val_set = class_subset(distilled, cell.classes), class_subset(val_set, cell.classes)
+    if classes is not None:
+        distilled, val_set = class_subset(distilled, classes), class_subset(val_set, classes)
     # (the full train set: a projector's artifact is checked against every class of the data)
-    source = label_source(cell.source, cfg, pipe.run, distilled, work, pipe.device, train_set)
-    if cell.classes is not None:
-        source = RestrictedLabels(source, cell.classes)
-    r = student.train_student(cfg, distilled, val_set, source, pipe.device, work)
-    row = {"variant": cell.variant.name, "source": cell.source, "arch": cfg.student.arch, "seed": cell.seed,
-           "step": cell.step, "top1_last": r["top1_last"], "top1_best": r["top1_best"], "label_bytes": r["label_bytes"]}
-    if cell.classes is not None:
-        row["classes"] = len(cell.classes)
-    return row
+    labeler = label_source(source, cfg, pipe.run, distilled, work, pipe.device, train_set)
+    if classes is not None:
+        labeler = RestrictedLabels(labeler, classes)
+    return student.train_student(cfg, distilled, val_set, labeler, pipe.device, work)
 
 
 def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int = 5, sources=None, reuse=(),
@@ -178,7 +175,7 @@ def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int =
         for v, folder in zip(variants, folders):
             vcfg = with_overrides(cfg, v.overrides)
             donors = [f for f in folders if f != folder] + list(reuse)
-            pipe = prepare_variant(vcfg, folder, donors, v.sources, device=device)
+            pipe, _ = prepare_variant(vcfg, folder, donors, v.sources, device=device)
             cells = [_Cell(v, source, seed) for source in v.sources for seed in seeds]
             if name == "continual":
                 cells = [_Cell(v, c.source, c.seed, k + 1, tuple(seen)) for c in cells
@@ -193,7 +190,12 @@ def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int =
                     continue
                 log(f"study {name}: cell {cid}")
                 work = study_dir.path("cells", cid)
-                row = _train_cell(pipe, ccfg, cell, work)
+                r = train_cell(pipe, ccfg, cell.source, work, cell.classes)
+                row = {"variant": v.name, "source": cell.source, "arch": ccfg.student.arch, "seed": cell.seed,
+                       "step": cell.step, "top1_last": r["top1_last"], "top1_best": r["top1_best"],
+                       "label_bytes": r["label_bytes"]}
+                if cell.classes is not None:
+                    row["classes"] = len(cell.classes)
                 if distributed.world().main:
                     write_json(path, row)
                     shutil.rmtree(os.path.join(work, "labels"), ignore_errors=True)  # stored labels: GBs at scale
