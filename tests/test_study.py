@@ -162,3 +162,30 @@ def test_continual_trains_each_step_on_the_seen_classes_only(tiny_run, tmp_path,
         assert n == len(classes) and train_labels == list(range(n)) and val_labels == list(range(n))
         assert val_names == [names[c] for c in classes] and kind == "RestrictedLabels"
     assert "| base | projector | resnet18 | 3 | 3 |" in (tmp_path / "c" / "study.md").read_text()
+
+
+def test_the_ablations_options_zero_shot_and_a_ce_probe(tiny_run, tmp_path, monkeypatch):
+    """projector.epochs=0 writes the untrained (zero-shot) artifact; projector.mse_weight=0 ignores the teachers."""
+    from safetensors.torch import load_file
+
+    from hello_fast.stages import projector as projector_stage
+
+    run, _ = tiny_run
+    pipe, linked = study_module.prepare_variant(tiny_config("projector.epochs=0", "refine.enabled=false"),
+                                                str(tmp_path / "zero"), [run], ["projector"], device="cpu")
+    assert linked == ["teachers", "select"]  # only the projector changed
+    summary = pipe.run.done("projector")["summary"]
+    assert summary["top1"] == {} and summary["zero_shot_top1"] >= 0
+    tensors = load_file(projector_stage.artifact_path(pipe.run))
+    assert tensors and all(not t.any() for k, t in tensors.items() if "lora_b" in k)  # LoRA starts at zero
+
+    def artifact(folder):
+        p, _ = study_module.prepare_variant(tiny_config("projector.mse_weight=0", "refine.enabled=false"),
+                                            str(tmp_path / folder), [run], ["projector"], device="cpu")
+        return load_file(projector_stage.artifact_path(p.run))
+
+    probe = artifact("probe")
+    monkeypatch.setattr(projector_stage, "mean_teacher_logits", lambda teachers, x: torch.full((len(x), 3), 1e3))
+    other_teachers = artifact("probe_other_teachers")
+    assert probe.keys() == other_teachers.keys()
+    assert all(torch.equal(probe[k], other_teachers[k]) for k in probe)
