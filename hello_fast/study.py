@@ -155,6 +155,28 @@ def train_cell(pipe: Pipeline, cfg: Config, source: str, work: str, classes=None
     return student.train_student(cfg, distilled, val_set, labeler, pipe.device, work)
 
 
+def _cell_row(study_dir: RunDir, pipe: Pipeline, vcfg: Config, cell: _Cell) -> dict:
+    """The cell's row: read back when a finished cell left it, else its student trained (rank 0 writes the row)."""
+    cfg = copy.deepcopy(vcfg)
+    cfg.seed = cell.seed  # the student seed: its init and augmentation stream; the stages keep theirs
+    cid = _cell_id(pipe, cfg, cell)
+    path = study_dir.path("cells", cid + ".json")
+    if os.path.isfile(path):
+        return read_json(path)
+    log(f"study: cell {cid}")
+    work = study_dir.path("cells", cid)
+    r = train_cell(pipe, cfg, cell.source, work, cell.classes)
+    row = {"variant": cell.variant.name, "source": cell.source, "arch": cfg.student.arch, "seed": cell.seed,
+           "step": cell.step, "top1_last": r["top1_last"], "top1_best": r["top1_best"], "label_bytes": r["label_bytes"]}
+    if cell.classes is not None:
+        row["classes"] = len(cell.classes)
+    if distributed.world().main:
+        write_json(path, row)
+        shutil.rmtree(os.path.join(work, "labels"), ignore_errors=True)  # stored labels: gigabytes at scale
+    distributed.barrier()
+    return row
+
+
 def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int = 5, sources=None, reuse=(),
               device=None) -> dict:
     """Run (or resume) study `name` over `cfg` into `out`; returns the study.json document.
@@ -165,6 +187,9 @@ def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int =
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not seeds:
         raise HelloError("a study needs at least one seed (--seeds)")
+    if name == "continual" and steps < 1:
+        raise HelloError(f"--steps must be at least 1, got {steps}")
+    per_seed = steps if name == "continual" else 1
     study_dir = RunDir(out)
     with study_dir.lock():
         if distributed.world().main:
@@ -172,35 +197,21 @@ def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int =
             save_config(cfg, study_dir.path("config.yaml"))  # a rerun without --config goes on with this config
         rows = []
         folders = [study_dir.path("runs", v.name) for v in variants]
-        for v, folder in zip(variants, folders):
-            vcfg = with_overrides(cfg, v.overrides)
-            donors = [f for f in folders if f != folder] + list(reuse)
-            pipe, _ = prepare_variant(vcfg, folder, donors, v.sources, device=device)
-            cells = [_Cell(v, source, seed) for source in v.sources for seed in seeds]
-            if name == "continual":
-                cells = [_Cell(v, c.source, c.seed, k + 1, tuple(seen)) for c in cells
-                         for k, seen in enumerate(_continual_steps(pipe.data()[0].num_classes, steps, c.seed))]
-            for cell in progress(cells, desc=f"study {name} ({v.name})", unit="cell"):
-                ccfg = copy.deepcopy(vcfg)
-                ccfg.seed = cell.seed  # the student seed: its init and augmentation stream; the stages keep theirs
-                cid = _cell_id(pipe, ccfg, cell)
-                path = study_dir.path("cells", cid + ".json")
-                if os.path.isfile(path):
-                    rows.append(read_json(path))
-                    continue
-                log(f"study {name}: cell {cid}")
-                work = study_dir.path("cells", cid)
-                r = train_cell(pipe, ccfg, cell.source, work, cell.classes)
-                row = {"variant": v.name, "source": cell.source, "arch": ccfg.student.arch, "seed": cell.seed,
-                       "step": cell.step, "top1_last": r["top1_last"], "top1_best": r["top1_best"],
-                       "label_bytes": r["label_bytes"]}
-                if cell.classes is not None:
-                    row["classes"] = len(cell.classes)
-                if distributed.world().main:
-                    write_json(path, row)
-                    shutil.rmtree(os.path.join(work, "labels"), ignore_errors=True)  # stored labels: GBs at scale
-                distributed.barrier()
-                rows.append(row)
+        bar = progress(desc=f"study {name}", total=sum(len(v.sources) for v in variants) * len(seeds) * per_seed,
+                       unit="cell")
+        with bar:
+            for v, folder in zip(variants, folders):
+                bar.set_postfix(variant=v.name)
+                vcfg = with_overrides(cfg, v.overrides)
+                donors = [f for f in folders if f != folder] + list(reuse)
+                pipe, _ = prepare_variant(vcfg, folder, donors, v.sources, device=device)
+                cells = [_Cell(v, source, seed) for source in v.sources for seed in seeds]
+                if name == "continual":
+                    cells = [_Cell(v, c.source, c.seed, k + 1, tuple(seen)) for c in cells
+                             for k, seen in enumerate(_continual_steps(pipe.data()[0].num_classes, steps, c.seed))]
+                for cell in cells:
+                    rows.append(_cell_row(study_dir, pipe, vcfg, cell))
+                    bar.update(1)
         doc = {"study": name, "config": cfg.name, "paper_setting": paper_setting(name, cfg), "seeds": seeds, "rows": rows}
         if distributed.world().main:
             write_json(study_dir.path("study.json"), doc)
