@@ -92,8 +92,8 @@ def paper_figure(study: str, cfg: Config, variant: Variant, index: int, source: 
     """The paper's figure for one table row, or "" where the paper has none."""
     ds = _dataset(cfg) or "ImageNet-1K"
     col = {"stored": 0, "rded": 1, "projector": 2}.get(source)
+    ipc = int(variant.name[3:]) if study == "ipc" else cfg.select.ipc
     if study in ("sources", "ipc", "archs") and col is not None:
-        ipc = int(variant.name[3:]) if study == "ipc" else cfg.select.ipc
         if study == "archs" and arch != "resnet18":
             if arch not in _T2_ARCHS or source == "stored" or ipc != 10:
                 return ""
@@ -103,7 +103,7 @@ def paper_figure(study: str, cfg: Config, variant: Variant, index: int, source: 
         size = _T1[ds]["bytes"][col]
         size = size[IPCS.index(ipc)] if isinstance(size, tuple) else size
         return f"{_T1[ds][ipc][col]} ({size})"
-    if study in ("sources", "ipc") and source == "hard" and ds == "ImageNet-1K" and cfg.select.ipc == 10:
+    if study in ("sources", "ipc") and source == "hard" and ds == "ImageNet-1K" and ipc == 10:
         return "15.2 (RDED's hard labels, quoted in Sec. 1)"
     if study == "ablation":
         return _T3.get(variant.name, "")
