@@ -190,6 +190,7 @@ def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int =
     if name == "continual" and steps < 1:
         raise HelloError(f"--steps must be at least 1, got {steps}")
     per_seed = steps if name == "continual" else 1
+    distributed.setup(device or cfg.device)  # under torchrun: join the group first, so that rank 0 alone locks and writes
     study_dir = RunDir(out)
     with study_dir.lock():
         if distributed.world().main:
