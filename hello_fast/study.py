@@ -1,7 +1,7 @@
-"""Studies: the paper's tables and figures as commands (`hello-fast study NAME`), each cell a resumable unit.
+"""Running a study (`hello-fast study NAME`): the paper's tables and figures, each cell a resumable unit.
 
-A study is a list of variants (a name and config overrides) x label sources x student seeds (x
-continual steps). Each variant has its own run directory, DIR/runs/<variant>; before its stages
+A study (hello_fast/studies.py says what each is) is a list of variants (a name and config
+overrides) x label sources x student seeds (x continual steps). Each variant has its own run directory, DIR/runs/<variant>; before its stages
 run, every stage that another variant (or a `reuse` run) already finished with the same pipeline
 fingerprint is hard-linked in, so a variant redoes exactly the stages its overrides change (the
 Pipeline's fingerprints decide, nothing here keeps a second list). Then one student per cell trains
@@ -45,7 +45,7 @@ from hello_fast.rundir import RunDir
 from hello_fast.stages import student
 from hello_fast.studies import STUDIES, Variant, paper_figure, paper_setting, plan
 
-# -- running ---------------------------------------------------------------------------------------------------
+
 def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
@@ -83,19 +83,19 @@ def link_finished_stages(pipe: Pipeline, stages, donors) -> list[str]:
     linked = []
     if distributed.world().main:
         donors = [RunDir(d) for d in donors if os.path.realpath(d) != os.path.realpath(pipe.run.root)]
-        os.makedirs(pipe.run.root, exist_ok=True)
-        cache = next((d.path(CACHE_NAME) for d in donors if os.path.isfile(d.path(CACHE_NAME))), None)
-        if cache and not os.path.exists(pipe.run.path(CACHE_NAME)):
-            shutil.copy2(cache, pipe.run.path(CACHE_NAME))
-        for stage in stages:
-            fp = pipe.fingerprint(stage)
-            if pipe.run.is_current(stage, fp):
-                continue
-            donor = next((d for d in donors if d.is_current(stage, fp)), None)
-            if donor is not None:
-                shutil.rmtree(pipe.run.path(stage), ignore_errors=True)
-                _link_tree(donor.path(stage), pipe.run.path(stage))
-                linked.append(stage)
+        with pipe.run.lock():
+            cache = next((d.path(CACHE_NAME) for d in donors if os.path.isfile(d.path(CACHE_NAME))), None)
+            if cache and not os.path.exists(pipe.run.path(CACHE_NAME)):
+                shutil.copy2(cache, pipe.run.path(CACHE_NAME))
+            for stage in stages:
+                fp = pipe.fingerprint(stage)
+                if pipe.run.is_current(stage, fp):
+                    continue
+                donor = next((d for d in donors if d.is_current(stage, fp)), None)
+                if donor is not None:
+                    shutil.rmtree(pipe.run.path(stage), ignore_errors=True)
+                    _link_tree(donor.path(stage), pipe.run.path(stage))
+                    linked.append(stage)
     distributed.barrier()
     return linked
 
