@@ -12,13 +12,15 @@ from hello_fast import config
 from hello_fast.stages import STAGES
 
 DISTILL_HELP = "run every stage in order (finished stages are skipped), then write results.json and report.md"
+STUDY_HELP = "the paper's tables and figures: variants x label sources x seeds, resumable cells"
 STATUS_HELP = ("say which stages (and which students) are current, stale (with the option or input that changed) or "
                "missing with these options, without running or writing anything")
 
 
 def _description() -> str:
     stages = "\n".join(textwrap.fill(what, 100, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
-                       for name, what in {**STAGES, "distill": DISTILL_HELP, "status": STATUS_HELP}.items())
+                       for name, what in {**STAGES, "distill": DISTILL_HELP, "status": STATUS_HELP,
+                                                                       "study": STUDY_HELP}.items())
     return f"""\
 HeLlO dataset distillation with online soft labels: a LoRA-adapted CLIP projector replaces
 gigabytes of stored soft labels with a ~3 MB label artifact.
@@ -39,6 +41,7 @@ examples:
   hello-fast inspect runs/digits/projector/artifact.safetensors
   hello-fast storage --config imagenet1k-ipc10 --json
   hello-fast config --config imagenet1k-ipc10          # every key, its value and what it does
+  hello-fast study sources --config digits --seeds 0 1  # every label source, mean ± s.d. over seeds
 """
 
 
@@ -125,8 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
                                    "type and help; keys marked result-neutral never make a finished stage stale.")
     p.add_argument("--config", metavar="PRESET|FILE", default="digits", help="a preset or YAML file (default: digits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _study_parser(sub)
     _bench_parser(sub)
     return parser
+
+
+def _study_parser(sub) -> None:
+    from hello_fast.studies import STUDIES
+
+    p = sub.add_parser("study", help=STUDY_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run (or resume) a study: each variant's stages in DIR/runs/<variant> (stages another "
+                                   "variant finished with the same fingerprint are reused), one student per cell "
+                                   "(variant x source x arch x seed x step) in DIR/cells/<id>.json, then DIR/study.json, "
+                                   "DIR/study.md (mean ± s.d. over seeds beside the paper's figures) and DIR/study.png.\n\n"
+                                   "studies:\n" + "\n".join(f"  {k:<15} {v}" for k, v in STUDIES.items()))
+    p.add_argument("study", choices=tuple(STUDIES), metavar="NAME", help=f"one of: {', '.join(STUDIES)}")
+    g = p.add_argument_group("run options")
+    g.add_argument("--config", metavar="PRESET|FILE",
+                   help=f"a preset ({', '.join(config.preset_names())}) or a YAML file; default: the study directory's "
+                        "config.yaml if there is one, else digits")
+    g.add_argument("--data", metavar="DIR", help="your own ImageNet-style folder: it replaces the config's data")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value for every variant (repeatable)")
+    g.add_argument("--out", metavar="DIR", help="the study directory (default: runs/study-NAME-<config name>)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N", help="student seeds (default 0 1 2)")
+    g.add_argument("--steps", type=int, default=5, metavar="K", help="continual: class-incremental steps (default 5)")
+    g.add_argument("--sources", nargs="+", metavar="SOURCE",
+                   help="sources, archs, ipc, continual: the label sources to compare (default: every source)")
+    g.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                   help="a finished run directory (e.g. a distill's) whose current stages the variants may reuse")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    for flag, key in _ALIASES.items():
+        _alias(g, flag, key)
 
 
 def _bench_parser(sub) -> None:
@@ -205,6 +239,31 @@ def _cmd_status(args) -> int:
     print(f"run directory {os.path.abspath(out)} with config {cfg.name}:")
     for name, st in states.items():
         print(f"  {name:<{width}}  {st['state']:<7}" + (f"  {st['reason']}" if st["reason"] else "").rstrip())
+    return 0
+
+
+def _cmd_study(args) -> int:
+    from hello_fast import _progress
+    from hello_fast.study import run_study, summarise
+
+    if args.quiet:
+        _progress.set_enabled(False)
+    cfg = _load_cfg(args)
+    out = args.out or os.path.join("runs", f"study-{args.study}-{cfg.name}")
+    doc = run_study(args.study, cfg, out, seeds=args.seeds, steps=args.steps, sources=args.sources,
+                    reuse=[os.path.abspath(r) for r in args.reuse])
+    from hello_fast import distributed
+
+    if distributed.world().main:
+        for s in summarise(doc["rows"]):
+            step = f" step {s['step']} ({s['classes']} classes)" if s["step"] is not None else ""
+            print(f"{s['variant']:>16} {s['source']:>10} {s['arch']:>18}{step}: top-1 last {s['top1_last']}, "
+                  f"best {s['top1_best']}; {s['label_bytes']:,} label bytes")
+        print(f"\nstudy directory: {os.path.abspath(out)} (study.json, study.md, study.png)")
+    if distributed.world().distributed:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     return 0
 
 
@@ -301,6 +360,8 @@ def main(argv=None) -> int:
             return _cmd_config(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "study":
+            return _cmd_study(args)
         if args.command == "bench":
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])

@@ -171,6 +171,30 @@ class StoredLabels(LabelSource):
         return cls(directory, resident.device)
 
 
+class RestrictedLabels(LabelSource):
+    """Another source's labels for some classes only: its logits' columns of `classes`, in that order.
+
+    A class-incremental step's student has one output per class seen so far (hello_fast/study.py): its
+    soft labels are the full source's logits sliced to those classes (the softmax over them follows).
+    Everything else (views, stored replay, label bytes) is the wrapped source's.
+    """
+
+    def __init__(self, source: LabelSource, classes: list[int]):
+        self.source = source
+        self.classes = torch.as_tensor(list(classes), dtype=torch.long)
+        self.name, self.needs_clip_view, self.replays = source.name, source.needs_clip_view, source.replays
+        self.label_bytes = source.label_bytes
+
+    def __getattr__(self, name):  # mean/std/dtype of a projector, epoch/check_schedule of stored labels
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __call__(self, batch):
+        logits = self.source(batch)
+        return None if logits is None else logits[:, self.classes.to(logits.device)]
+
+
 def label_source(source: str, cfg, run, distilled, out_dir: str, device, train_set) -> LabelSource:
     """The label source a student of `source` trains with, built from a run's finished stages.
 

@@ -150,6 +150,8 @@ SLOW = {
     "test_storage.py::test_backbone_and_compact_artifact_sizes": "full-size CLIP RN50 models, built to be counted",
     "test_storage.py::test_storage_cli_json": "the command as a process",
     "test_storage.py::test_storage_benchmark_writes_its_results": "the benchmark script as a process",
+    "test_study.py::test_a_study_writes_its_table_and_a_killed_one_resumes_without_redoing_cells": "eight students and three study reruns",
+    "test_study.py::test_the_ablations_options_zero_shot_and_a_ce_probe": "three projector stages",
     "test_student_loop.py::test_fast_and_plain_loops_reach_the_same_results": "two distills",
     "test_student_loop.py::test_stored_source_in_the_pipeline": "the student stage with stored labels",
     "test_student_loop.py::test_bench_baselines_build_their_own_labelers": "every benchmark baseline's labeler",

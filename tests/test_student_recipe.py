@@ -18,8 +18,9 @@ from hello_fast.ops import augment_mix_reference
 from hello_fast.ops.augment_mix import shuffle_patches
 from hello_fast.stages import student as st
 
-PAPER_PRESETS = {"imagenet1k-ipc1": 20, "imagenet1k-ipc10": 100, "imagenet1k-ipc50": 200, "imagenet100-ipc10": 100,
-                 "places365-ipc10": 100}  # RDED's batch by IPC (x2 for 100 and 1,000 classes)
+PAPER_PRESETS = {"imagenet1k-ipc1": 20, "imagenet1k-ipc10": 100, "imagenet1k-ipc50": 200, "imagenet100-ipc1": 20,
+                 "imagenet100-ipc10": 100, "imagenet100-ipc50": 200, "places365-ipc1": 20, "places365-ipc10": 100,
+                 "places365-ipc50": 200}  # RDED's batch by IPC (x2 for 100 and 1,000 classes)
 
 
 def _sets(size=32, per_class=8):

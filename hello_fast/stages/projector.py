@@ -118,7 +118,7 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
         images, labels = images.to(device), labels.to(device)
         target = mean_teacher_logits(teachers, teacher_norm(images))
         logits = engine.net(projector.normalize(images))
-        return F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels), labels.numel()
+        return pc.mse_weight * F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels), labels.numel()
 
     # only the LoRA tensors train (frozen_backbone): their gradients are averaged over ranks
     engine = Engine(NAME, projector, opt, device=device, epochs=pc.epochs, loss=loss, knob="projector.lr", folder=out,
