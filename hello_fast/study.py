@@ -40,7 +40,7 @@ from hello_fast.data.subset import class_subset
 from hello_fast.data.validate import CACHE_NAME
 from hello_fast.errors import HelloError
 from hello_fast.labels import RestrictedLabels, label_source
-from hello_fast.pipeline import STAGES, Pipeline
+from hello_fast.pipeline import Pipeline, stage_order
 from hello_fast.rundir import RunDir
 from hello_fast.stages import student
 from hello_fast.studies import STUDIES, Variant, paper_figure, paper_setting, plan
@@ -62,19 +62,14 @@ def _link_tree(src: str, dst: str) -> None:
 
 
 def _stage_order(pipe: Pipeline, sources, stages=()) -> list[str]:
-    """The stages the sources' students read (and `stages`), with everything they read, each after its inputs."""
+    """The stages the sources' students read (and `stages`), with everything they read, in the pipeline's order."""
     needed, todo = set(), [s for source in sources for s in pipe.reads("student", source)] + list(stages)
     while todo:
         stage = todo.pop()
         if stage not in needed:
             needed.add(stage)
             todo += pipe.reads(stage)
-    order, left = [], [s for s in STAGES if s in needed]
-    while left:
-        ready = [s for s in left if all(up in order for up in pipe.reads(s))]
-        order.append(ready[0])
-        left.remove(ready[0])
-    return order
+    return [s for s in stage_order(pipe.cfg) if s in needed]
 
 
 def link_finished_stages(pipe: Pipeline, stages, donors) -> list[str]:
