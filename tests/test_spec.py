@@ -63,10 +63,19 @@ def test_a_sharded_pass_is_each_ranks_share_of_every_global_batch(monkeypatch):
         monkeypatch.setattr(distributed, "world", lambda r=rank: distributed.World(rank=r, size=3, local_rank=r))
         shares.append(list(batches(data, DataPass(8, sharded=True), **kw)))
         assert shares[-1] and len(list(batches(data, DataPass(8), **kw))) == 5  # unsharded: every rank reads all
-    for k, whole in enumerate(single):
-        parts = [s[k] for s in shares if k < len(s)]
+    # training: the last global batch has 1 row for 3 ranks, so every rank skips it (DDP steps all ranks together)
+    assert [len(s) for s in shares] == [4, 4, 4]
+    for k, whole in enumerate(single[:4]):
+        parts = [s[k] for s in shares]
         assert torch.equal(torch.cat([p[2] for p in parts]), whole[2])
         assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])  # same crops on every rank
+    # evaluation: no row is lost; the rank that has the last row reads it alone
+    order = torch.arange(21)
+    eval_shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "world", lambda r=rank: distributed.World(rank=r, size=3, local_rank=r))
+        eval_shares.append(rank_plan(order, 5, drop_last=False, sharded=True))
+    assert sorted(i for plan in eval_shares for b in plan for i in b) == list(range(21))
     # still rank 2 of 3: its one row of each full batch; drop_last drops the short last batch
     assert rank_plan(torch.arange(11), 5, drop_last=True, sharded=True) == [[4], [9]]
 

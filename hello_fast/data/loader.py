@@ -146,7 +146,7 @@ def batches(images: ImageSet, data_pass: DataPass, *, train: bool, batch_size: i
     if shuffle:
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
         order = order[torch.randperm(len(order), generator=g)]
-    plan = rank_plan(order, batch_size, drop_last=drop_last, sharded=data_pass.sharded)
+    plan = rank_plan(order, batch_size, drop_last=drop_last, sharded=data_pass.sharded, train=train)
     if resolve_loader(data_pass.loader, images) == "dali":
         if crops != 1:
             raise HelloError("the dali loader draws one crop per image read; use the torch loader for several crops per image")

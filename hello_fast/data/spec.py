@@ -80,15 +80,20 @@ class DataPass:
         return dali_threads(self.workers)
 
 
-def rank_plan(order: torch.Tensor, batch_size: int, *, drop_last: bool, sharded: bool) -> list[list[int]]:
+def rank_plan(order: torch.Tensor, batch_size: int, *, drop_last: bool, sharded: bool, train: bool = False) -> list[list[int]]:
     """The batches of `order` this process reads: every global batch of `batch_size`, or with `sharded`
-    under torchrun this rank's contiguous share of each (ranks left without rows in a short last
-    batch skip it). The one sharding rule of the torch and DALI loaders."""
+    under torchrun this rank's contiguous share of each. The one sharding rule of the torch and DALI loaders.
+
+    A global batch with fewer rows than ranks leaves some rank without rows: in training every rank
+    then skips it (DDP's gradient all-reduce needs every rank in every step, or the job hangs); in
+    evaluation the ranks without rows skip it (the counts are summed once at the end)."""
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks = chunks[:-1]
     world = distributed.world()
     if sharded and world.distributed:
+        if train:
+            chunks = [c for c in chunks if len(c) >= world.size]
         chunks = [c[distributed.share(len(c), world.rank, world.size)] for c in chunks]
     return [c.tolist() for c in chunks if len(c)]
 
