@@ -74,17 +74,19 @@ def folder_rows(folder: str, device, batch: int, epochs: int, cores: int) -> lis
     from hello_fast.data import dali
     from hello_fast.data.loader import batches
     from hello_fast.data.sources import FileImageSet, _scan_class_folders
+    from hello_fast.data.spec import DataPass
 
     classes, files, labels = _scan_class_folders(folder, None)  # every image of the folder, in the package's class order
     images = FileImageSet(files, labels, classes)
     rows = []
-    common = dict(size=224, batch_size=batch, train=True, seed=0, num_workers=cores)
-    torch_rate, n = _epoch_rate(lambda e: batches(images, epoch=e, loader="torch", **common), device, epochs)
+    common = dict(batch_size=batch, train=True, seed=0)
+    torch_pass, dali_pass = (DataPass(224, loader=loader, workers=cores) for loader in ("torch", "dali"))
+    torch_rate, n = _epoch_rate(lambda e: batches(images, torch_pass, epoch=e, **common), device, epochs)
     row = {"pass": "folder-train-224", "images": n, "batch": batch, "workers": cores,
            "torch_img_per_s": round(torch_rate, 1)}
     print(f"folder: torch DataLoader ({cores} workers) {torch_rate:.0f} img/s")
     if dali.available():
-        dali_rate, _ = _epoch_rate(lambda e: batches(images, epoch=e, loader="dali", device=device, **common), device, epochs)
+        dali_rate, _ = _epoch_rate(lambda e: batches(images, dali_pass, epoch=e, device=device, **common), device, epochs)
         row.update(dali_img_per_s=round(dali_rate, 1), dali_device="gpu (mixed decode)" if device.type == "cuda" else "cpu",
                    dali_speedup=round(dali_rate / torch_rate, 2))
         print(f"folder: DALI ({row['dali_device']}) {dali_rate:.0f} img/s ({dali_rate / torch_rate:.2f}x)")
@@ -96,19 +98,20 @@ def student_rows(device, batch: int, res: int, steps: int, cores: int) -> list[d
     from hello_fast.data import dali
     from hello_fast.data.resident import ResidentSet
     from hello_fast.data.sources import procedural_images
+    from hello_fast.data.spec import AugmentRecipe
 
     images, labels = procedural_images(10, 10, res)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     views = [(*STUDENT, dtype), (*CLIP, dtype)]
-    kw = dict(out_size=res, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
+    recipe = AugmentRecipe(res, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
 
     def rate(source) -> float:
         times = []
         while len(times) < steps + 2:
             for index in source.epoch_order(batch):
-                p = source.draw(index, **kw)
+                p = source.draw(index)
                 t = time.perf_counter()
-                b = source.make(index, p, out_size=res, mix="cutmix", views=views)
+                b = source.make(index, p, views=views)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - t, b.index.numel()))
@@ -116,11 +119,10 @@ def student_rows(device, batch: int, res: int, steps: int, cores: int) -> list[d
         return sum(n for _, n in timed) / sum(t for t, _ in timed)
 
     row = {"pass": f"student-loop-{res}", "batch": batch, "distilled_images": len(images),
-           "resident_fused_img_per_s": round(rate(ResidentSet(images, labels, device)), 1)}
+           "resident_fused_img_per_s": round(rate(ResidentSet(images, labels, device, recipe)), 1)}
     print(f"student loop: resident + augment_mix {row['resident_fused_img_per_s']:.0f} img/s")
     if dali.available():
-        d = dali.DaliDistilledSet(images, labels, device, batch_size=batch, out_size=res, scale=(0.5, 1.0), flip=True,
-                                  views=views, num_threads=cores)
+        d = dali.DaliDistilledSet(images, labels, device, recipe, batch_size=batch, views=views, num_threads=cores)
         row["dali_img_per_s"] = round(rate(d), 1)
         row["resident_over_dali"] = round(row["resident_fused_img_per_s"] / row["dali_img_per_s"], 2)
         print(f"student loop: DALI backend {row['dali_img_per_s']:.0f} img/s")

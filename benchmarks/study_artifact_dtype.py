@@ -24,12 +24,12 @@ from _results import RESULTS_DIR, write  # noqa: E402
 
 from hello_fast.config import load_config  # noqa: E402
 from hello_fast.data.distilled import load_distilled  # noqa: E402
+from hello_fast.data.schedule import resident_set, views_for  # noqa: E402
 from hello_fast.data.sources import load_splits  # noqa: E402
 from hello_fast.labels import label_source  # noqa: E402
 from hello_fast.layout import artifact_path, distilled_stage  # noqa: E402
 from hello_fast.projector.artifact import convert_artifact  # noqa: E402
 from hello_fast.rundir import RunDir  # noqa: E402
-from hello_fast.stages.schedule import resident_set, views_for  # noqa: E402
 from hello_fast.stages.student import train_student  # noqa: E402
 
 DTYPES = ("fp32", "fp16", "int8")
@@ -42,11 +42,8 @@ def label_drift(cfg, distilled, sources: dict, epochs: int = 10) -> dict:
     res = resident_set(cfg, distilled, "cpu")
     views = views_for(sources["fp32"], torch.device("cpu"), True)
     out = {d: {"max_abs_logit_diff": 0.0, "agree": 0, "n": 0} for d in DTYPES}
-    sc = cfg.student
-    for index in [i for _ in range(epochs) for i in res.epoch_order(sc.batch_size)]:
-        params = res.draw(index, out_size=cfg.data.image_size, scale=sc.scale, flip=cfg.data.flip, mix=sc.mix,
-                          alpha=sc.mix_alpha)
-        batch = res.make(index, params, out_size=cfg.data.image_size, mix=sc.mix, views=views)
+    for index in [i for _ in range(epochs) for i in res.epoch_order(cfg.student.batch_size)]:
+        batch = res.make(index, res.draw(index), views=views)
         ref = sources["fp32"](batch)
         for d in DTYPES:
             got = sources[d](batch)

@@ -1,8 +1,9 @@
 """Projector backbones compared over student seeds: does a real prior (EfficientNet-Lite0's ImageNet weights) label better than a random CLIP?
 
 Takes a run whose teachers and selection are finished; for each variant (a name and projector
-overrides) it trains the projector on the same weak teachers in its own copy of the run, refines
-the same selected images with it, and trains one student per (label source, student seed).
+overrides) it trains the projector on the same weak teachers in its own run (the package's study
+code links the finished stages the variant leaves unchanged: hello_fast.study), refines the same
+selected images with it, and trains one student per (label source, student seed).
 Results: backbones_<config>[_<tag>].json/.csv (every student with its label bytes, the projector's
 zero-shot and final val top-1 and its training time; mean and spread per variant and source).
 

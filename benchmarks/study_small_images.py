@@ -1,7 +1,8 @@
 """What small images cost the student: selection and student settings compared over several student seeds.
 
 Takes a run whose teachers and projector are finished; for each variant (a name and config
-overrides) it redoes selection and refinement in its own copy of the run, then trains one
+overrides) it redoes selection and refinement in its own run (the package's study code links the
+finished stages whose fingerprints the variant leaves unchanged: hello_fast.study), then trains one
 student per (label source, student seed). The student seed changes only the student's init and
 its augmentation stream, so the spread between seeds is the noise that a single run hides.
 Results: small_images_<config>[_<tag>].json/.csv (every student, and mean and spread per variant and source).
@@ -20,55 +21,43 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import RESULTS_DIR, write  # noqa: E402
 
 from hello_fast.config import load_config  # noqa: E402
-from hello_fast.data.distilled import load_distilled  # noqa: E402
-from hello_fast.labels import label_source  # noqa: E402
-from hello_fast.layout import distilled_stage  # noqa: E402
 from hello_fast.pipeline import Pipeline  # noqa: E402
-from hello_fast.stages.student import train_student  # noqa: E402
+from hello_fast.rundir import RunDir  # noqa: E402
+from hello_fast.study import prepare_variant, train_cell  # noqa: E402
 
 
 def run_variant(base_run: str, work: str, name: str, overrides: list[str], sources, seeds, eval_every: int,
                 reuse: tuple[str, ...] = ("teachers", "projector")) -> list[dict]:
-    """One variant's students over `seeds`, on a copy of `base_run` that keeps its `reuse` stages (they must stay current)."""
+    """One variant's students over `seeds`, in its own run under `work` that links `base_run`'s finished stages
+    where their fingerprints match (hello_fast.study.prepare_variant); the `reuse` stages must match."""
     folder = os.path.join(work, name)
     shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    for stage in reuse:
-        shutil.copytree(os.path.join(base_run, stage), os.path.join(folder, stage))
     cfg = load_config(os.path.join(base_run, "config.yaml"), list(overrides) + [f"student.eval_every={eval_every}"])
-    pipe = Pipeline(cfg, folder, device="cpu")
-    for stage in reuse:  # copied, not retrained: the variant may change only the other stages
-        if not pipe.run.is_current(stage, pipe.fingerprint(stage)):
+    probe = Pipeline(cfg, folder, device="cpu")  # fingerprints only: it runs nothing
+    for stage in reuse:  # reused, not retrained: the variant may change only the other stages
+        if not RunDir(base_run).is_current(stage, probe.fingerprint(stage)):
             raise SystemExit(f"variant {name}: {overrides} changes the {stage} stage, which this study keeps")
-    select = pipe.select()
-    start = time.perf_counter()
-    projector = pipe.projector()
-    projector_seconds = time.perf_counter() - start
-    pipe.refine()
-    distilled = load_distilled(pipe.run.path(distilled_stage(cfg)))
-    train_set, val_set = pipe.data()
+    pipe, linked = prepare_variant(cfg, folder, [base_run], sources, device="cpu", stages=("select", "projector", "refine"))
+    select = pipe.run.done("select")["summary"]
+    projector = pipe.run.done("projector")["summary"]
     rows = []
     for source in sources:
         for seed in seeds:
             c = copy.deepcopy(cfg)
             c.seed = seed
-            out = tempfile.mkdtemp(dir=folder)
-            labeler = label_source(source, c, pipe.run, distilled, out, "cpu", train_set)
             start = time.perf_counter()
-            r = train_student(c, distilled, val_set, labeler, torch.device("cpu"), out)
+            r = train_cell(pipe, c, source, tempfile.mkdtemp(dir=folder))
             rows.append({"variant": name, "overrides": " ".join(overrides), "source": source, "seed": seed,
                          "top1_last": round(r["top1_last"], 2), "top1_best": round(r["top1_best"], 2),
                          "mean_selected_ce": round(select.get("mean_selected_ce", float("nan")), 4),
-                         "label_bytes": labeler.label_bytes,
+                         "label_bytes": r["label_bytes"],
                          "projector_zero_shot_top1": projector.get("zero_shot_top1"),
                          "projector_top1": projector["top1"][max(projector["top1"], key=int)] if projector.get("top1") else None,
-                         "projector_seconds": None if "projector" in reuse else round(projector_seconds, 1),
+                         "projector_seconds": None if "projector" in linked else round(projector.get("seconds", 0.0), 1),
                          "seconds": round(time.perf_counter() - start, 1)})
             print(f"{name} {source} seed {seed}: top-1 last {r['top1_last']:.1f}%, best {r['top1_best']:.1f}%", flush=True)
     return rows

@@ -133,23 +133,25 @@ def test_student_batches(benchmark, source):
     """One student-loop batch (two views, CutMix) from the resident set + augment_mix, or from the DALI backend."""
     from hello_fast.data.resident import ResidentSet
     from hello_fast.data.sources import procedural_images
+    from hello_fast.data.spec import AugmentRecipe
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = procedural_images(10, 6, 64)
+    recipe = AugmentRecipe(64, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
     views = [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.float32),
              ((0.481, 0.458, 0.408), (0.269, 0.261, 0.276), torch.float32)]
     if source == "dali":
         dali = pytest.importorskip("hello_fast.data.dali")
         if not dali.available():
             pytest.skip("DALI is not installed")
-        s = dali.DaliDistilledSet(images, labels, device, batch_size=32, out_size=64, scale=(0.5, 1.0), flip=True, views=views)
+        s = dali.DaliDistilledSet(images, labels, device, recipe, batch_size=32, views=views)
     else:
-        s = ResidentSet(images, labels, device)
+        s = ResidentSet(images, labels, device, recipe)
     index = s.epoch_order(32)[0]
-    p = s.draw(index, out_size=64, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
+    p = s.draw(index)
 
     def run():
-        s.make(index, p, out_size=64, mix="cutmix", views=views)
+        s.make(index, p, views=views)
         _sync()
 
     benchmark(run)

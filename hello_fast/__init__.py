@@ -11,6 +11,7 @@ _LAZY = {
     "RelabelMix": "hello_fast.relabel_mix",
     "RelabelMixLoss": "hello_fast.relabel_mix",
     "Pipeline": "hello_fast.pipeline",
+    "run_study": "hello_fast.study",
     "load_config": "hello_fast.config",
     "load_projector": "hello_fast.projector.artifact",
 }

@@ -31,12 +31,13 @@ from torchvision.transforms import v2
 from hello_fast import _progress, labels
 from hello_fast._progress import log
 from hello_fast.config import load_config
-from hello_fast.data.resident import ResidentSet
+from hello_fast.data import schedule
+from hello_fast.data.resident import Batch, ResidentSet
+from hello_fast.data.spec import AugmentRecipe
 from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
-from hello_fast.ops import soft_label_loss
+from hello_fast.ops.augment_mix import cutmix_box
 from hello_fast.projector.model import build_projector
-from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
 
@@ -70,7 +71,8 @@ class _Setup:
         src_res = int(args.res * 8 / 7)  # distilled images a bit larger than the crops
         self.images = torch.randint(0, 256, (n, 3, src_res, src_res), dtype=torch.uint8, generator=g)
         self.labels = torch.randint(0, self.C, (n,), generator=g)
-        self.resident = ResidentSet(self.images, self.labels, self.device, seed=1)
+        recipe = AugmentRecipe.from_config(load_config("digits", [f"data.image_size={args.res}", "data.flip=true"]))
+        self.resident = ResidentSet(self.images, self.labels, self.device, recipe, seed=1)
         backbone = load_clip(args.projector, None, 0)
         head = F.normalize(torch.randn(self.C, backbone.model.visual.output_dim, generator=g), dim=-1)
         self.projector = build_projector(backbone, [f"c{i}" for i in range(self.C)], ["{}"], conv_rank=args.conv_rank,
@@ -104,13 +106,20 @@ class _Setup:
         model = build_model(self.args.student, self.C, self.args.res, self.width).to(self.device)
         if fast and self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return model
+
+
+def _bench_config(s: _Setup):
+    return load_config("digits", [f"student.batch_size={s.args.batch}", f"data.image_size={s.args.res}", "data.flip=true",
+                                  "student.loss=mse", "student.beta=0.1", "student.epochs=1"])
 
 
 def _fast_loop(s: _Setup, source, steps: int) -> float:
-    cfg = load_config("digits", [f"student.batch_size={s.args.batch}", f"data.image_size={s.args.res}", "data.flip=true"])
+    """The product's student step (stages.student's engine) on the product's batches (EpochBatches)."""
+    cfg = _bench_config(s)
     views = schedule.views_for(source, s.device, True)
-    model, opt = s.student(True)
+    model = s.student(True)
+    engine = st.student_engine(cfg, model, source, s.device, fast=True, steps_per_epoch=s.resident.steps_per_epoch(s.args.batch))
     use_amp = s.device.type == "cuda"
     _progress.set_enabled(False)
     stream = iter(())
@@ -119,44 +128,26 @@ def _fast_loop(s: _Setup, source, steps: int) -> float:
         nonlocal stream
         item = next(stream, None)
         if item is None:
-            stream = iter(st._Steps(cfg, s.resident, source, views, 1, True, s.device, overlap=use_amp))
+            stream = iter(st.EpochBatches(cfg, s.resident, source, views, 1, True, s.device, overlap=use_amp))
             item = next(stream)
         return item
 
-    def step():
-        batch, target = next_item()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(batch.views[0])
-        loss = soft_label_loss(logits.float(), target, batch.hard, batch.partner, batch.lam, mode="mse", beta=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return _time_steps(step, steps, s.device)
+    return _time_steps(lambda: engine.step(next_item()), steps, s.device)
 
 
-def _floor(s: _Setup, steps: int) -> float:
-    """The student step alone: batches and labels made beforehand, held in memory."""
-    model, opt = s.student(True)
+def _floor(s: _Setup, source, steps: int) -> float:
+    """The same engine step alone (`source`'s loss): one batch and its labels made beforehand, held in memory."""
+    cfg = _bench_config(s)
+    engine = st.student_engine(cfg, s.student(True), source, s.device, fast=True, steps_per_epoch=1)
     use_amp = s.device.type == "cuda"
     B, R = s.args.batch, s.args.res
     dtype = torch.bfloat16 if use_amp else torch.float32
     fmt = torch.channels_last if use_amp else torch.contiguous_format
-    x = torch.randn(B, 3, R, R, device=s.device, dtype=dtype).contiguous(memory_format=fmt)
-    target = torch.randn(B, s.C, device=s.device)
-    hard = torch.randint(0, s.C, (B,), device=s.device)
-    partner = torch.randperm(B, device=s.device)
-    lam = torch.rand(B, device=s.device)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        loss = soft_label_loss(logits.float(), target, hard, partner, lam, mode="mse", beta=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return _time_steps(step, steps, s.device)
+    batch = Batch(views=[torch.randn(B, 3, R, R, device=s.device, dtype=dtype).contiguous(memory_format=fmt)],
+                           hard=torch.randint(0, s.C, (B,), device=s.device), partner=torch.randperm(B, device=s.device),
+                  lam=torch.rand(B, device=s.device), index=torch.arange(B), params={})
+    item = (batch, torch.randn(B, s.C, device=s.device))
+    return _time_steps(lambda: engine.step(item), steps, s.device)
 
 
 class _CpuAugmented(torch.utils.data.Dataset):
@@ -188,7 +179,8 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
     loader = torch.utils.data.DataLoader(_CpuAugmented(s.images, s.labels, s.args.res, norms), batch_size=s.args.batch,
                                          shuffle=True, num_workers=workers, drop_last=True, persistent_workers=True,
                                          pin_memory=s.device.type == "cuda")
-    model, opt = s.student(False)
+    model = s.student(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)  # the peers' loop: its own optimiser
     it = iter(())
 
     def step():
@@ -204,9 +196,8 @@ def _cpu_loop(s: _Setup, labeler: str, steps: int) -> float:
         lam = float(torch.distributions.Beta(1.0, 1.0).sample())
         perm = torch.randperm(B, device=s.device)
         cut = int(s.args.res * (1 - lam) ** 0.5)
-        cy, cx = torch.randint(0, s.args.res, (2,)).tolist()
-        y0, y1 = max(cy - cut // 2, 0), min(cy + cut // 2, s.args.res)
-        x0, x1 = max(cx - cut // 2, 0), min(cx + cut // 2, s.args.res)
+        cy, cx = torch.randint(0, s.args.res, (2,))
+        y0, x0, y1, x1 = (int(v) for v in cutmix_box(cy, cx, torch.tensor(cut), s.args.res))
         for v in views:  # CutMix as a separate pass per view
             v[:, :, y0:y1, x0:x1] = v[perm, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / s.args.res**2
@@ -237,11 +228,10 @@ def run(args) -> dict:
                                      "student.epochs=1"])
         s.resident.generator.manual_seed(1)
         writer = s.labeler("fast")
-        stored = labels.StoredLabels.write(tmp, s.resident, writer, labels.stored_description("stored", cfg, len(s.resident)), out_size=args.res,
-                                           scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0,
+        stored = labels.StoredLabels.write(tmp, s.resident, writer, labels.stored_description("stored", cfg, len(s.resident)),
                                            views=schedule.views_for(writer, s.device, True))
         step_s["stored"] = _fast_loop(s, stored, args.steps)
-    step_s["floor"] = _floor(s, args.steps)
+    step_s["floor"] = _floor(s, relabel, args.steps)
     step_s["naive"] = _cpu_loop(s, "projector", args.steps)
     step_s["rded_teacher"] = _cpu_loop(s, "teacher", args.steps)
     clip_view = torch.randn(args.batch, 3, relabel.relabel.image_size, relabel.relabel.image_size, device=s.device)

@@ -5,50 +5,57 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import warnings
 
 from hello_fast import config
+from hello_fast.stages import STAGES
 
-DESCRIPTION = """\
+DISTILL_HELP = "run every stage in order (finished stages are skipped), then write results.json and report.md"
+STUDY_HELP = "the paper's tables and figures: variants x label sources x seeds, resumable cells"
+STATUS_HELP = ("say which stages (and which students) are current, stale (with the option or input that changed) or "
+               "missing with these options, without running or writing anything")
+
+
+def _description() -> str:
+    stages = "\n".join(textwrap.fill(what, 100, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+                       for name, what in {**STAGES, "distill": DISTILL_HELP, "status": STATUS_HELP,
+                                                                       "study": STUDY_HELP}.items())
+    return f"""\
 HeLlO dataset distillation with online soft labels: a LoRA-adapted CLIP projector replaces
 gigabytes of stored soft labels with a ~3 MB label artifact.
 
 Stages (each reads and writes one run directory; finished stages are skipped on a rerun):
-  teachers   0: train one ResNet-18 and keep early checkpoints (the weak teachers)
-  select     1: RDED patch selection with an observer, or a random real subset
-  projector  2: train LoRA on a CLIP image tower (or another backbone) + head -> label artifact
-  refine     3: (optional) update the distilled images within the projector (Eq. 7)
-  student    4: train students with online labels (hard, teacher, projector) and evaluate
-  distill    all of the above in order, then results.json and report.md
+{stages}
 
 Start with `hello-fast distill` (the embedded digits default, a few minutes on a CPU).
 """
+
 
 EPILOG = """\
 examples:
   hello-fast distill                                  # embedded default: scikit-learn digits
   hello-fast distill --config imagenet1k-ipc10 --data /data/imagenet --out runs/in1k
+  hello-fast status --out runs/in1k --set student.epochs=500   # what that change would redo, and why
   hello-fast student --out runs/digits --set student.loss=kl --set student.temperature=4
   hello-fast inspect runs/digits/projector/artifact.safetensors
   hello-fast storage --config imagenet1k-ipc10 --json
   hello-fast config --config imagenet1k-ipc10          # every key, its value and what it does
+  hello-fast study sources --config digits --seeds 0 1  # every label source, mean ± s.d. over seeds
 """
 
-STAGE_HELP = {
-    "distill": "run every stage in order (finished stages are skipped), then write results.json and report.md",
-    "teachers": "stage 0: train a ResNet-18 on the original set and keep its early-epoch checkpoints (weak teachers)",
-    "select": "stage 1: choose the distilled images: RDED patch selection (observer: teacher or projector) or random",
-    "projector": "stage 2: train LoRA on CLIP or another backbone (tower convs + text-embedding or prototype head) against the weak teachers; write the label artifact",
-    "refine": "stage 3 (optional): update the distilled images by Eq. 7 within the projector",
-    "student": "stage 4: train a student per label source on the distilled images, with labels made online; evaluate",
-}
 
-
-# CLI flags that are aliases of `--set KEY=VALUE`: their choices and help come from the config's declaration
+# CLI flags that are aliases of `--set KEY=VALUE`: their choices and help come from the config's declaration.
+# The run-wide ones go to every run command; a stage's own (a key of its config section) to it, distill and status.
 _ALIASES = {"--device": "device", "--seed": "seed", "--loader": "data.loader", "--log-dir": "log_dir",
             "--log-steps": "log_steps"}
-_STUDENT_ALIASES = {"--augment": "student.augment", "--artifact": "student.artifact",
-                    "--artifact-weights": "student.artifact_weights"}
+_STAGE_ALIASES = {"--augment": "student.augment", "--artifact": "student.artifact",
+                  "--artifact-weights": "student.artifact_weights"}
+
+
+def _aliases_of(command: str) -> dict:
+    own = {flag: key for flag, key in _STAGE_ALIASES.items() if command in ("distill", "status", key.partition(".")[0])}
+    return dict(_ALIASES, **own)
 
 
 def _alias(g, flag: str, key: str) -> None:
@@ -66,7 +73,7 @@ def _alias(g, flag: str, key: str) -> None:
         g.add_argument(flag, dest=dest, metavar="PATH" if o.meta["path"] else "VALUE", help=help_text)
 
 
-def _common(p: argparse.ArgumentParser, aliases: dict) -> None:
+def _common(p: argparse.ArgumentParser, aliases: dict, writes: bool = True) -> None:
     g = p.add_argument_group("run options")
     g.add_argument("--config", metavar="PRESET|FILE",
                    help=f"a preset ({', '.join(config.preset_names())}) or a YAML file; "
@@ -77,8 +84,9 @@ def _common(p: argparse.ArgumentParser, aliases: dict) -> None:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set student.epochs=50 (repeatable; "
                         "`hello-fast config` lists every key)")
-    g.add_argument("--force", action="store_true", help="redo the stage(s) even if finished with this config")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    if writes:
+        g.add_argument("--force", action="store_true", help="redo the stage(s) even if finished with this config")
+        g.add_argument("--quiet", action="store_true", help="no progress bars")
     for flag, key in aliases.items():
         _alias(g, flag, key)
 
@@ -86,13 +94,21 @@ def _common(p: argparse.ArgumentParser, aliases: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from hello_fast import __version__
 
-    parser = argparse.ArgumentParser(prog="hello-fast", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="hello-fast", description=_description(), epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hello_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in ("distill", "teachers", "select", "projector", "refine", "student"):
-        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
-        _common(p, dict(_ALIASES, **(_STUDENT_ALIASES if name in ("distill", "student") else {})))
+    for name, what in {"distill": DISTILL_HELP, **STAGES}.items():
+        p = sub.add_parser(name, help=what, description=what)
+        _common(p, _aliases_of(name))
+    p = sub.add_parser("status", help=STATUS_HELP, description=(
+        "For each stage and each student (student/<label source>) of the run directory: current, stale with the "
+        "option, data or input that changed, or missing; off for a stage the config turns off. It takes the same "
+        "run options as the stages, so it says what a changed option would redo before redoing it. It reads the "
+        "run directory and the data folder's listing only: it writes nothing, takes no lock and decodes no image."))
+    _common(p, _aliases_of("status"), writes=False)
+    p.add_argument("--json", action="store_true", help='print {"<stage or stage/unit>": {"state": "current"|"stale"|'
+                   '"missing", "reason": str}} (stages the config turns off are left out)')
     p = sub.add_parser("inspect", help="print a label artifact's metadata and size, and validate it",
                        description="Print a label artifact's metadata and size, and validate it (format, checksum, "
                                    "shapes). Exits non-zero if the file is not a valid artifact.")
@@ -114,8 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
                                    "type and help; keys marked result-neutral never make a finished stage stale.")
     p.add_argument("--config", metavar="PRESET|FILE", default="digits", help="a preset or YAML file (default: digits)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _study_parser(sub)
     _bench_parser(sub)
     return parser
+
+
+def _study_parser(sub) -> None:
+    from hello_fast.studies import STUDIES
+
+    p = sub.add_parser("study", help=STUDY_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run (or resume) a study: each variant's stages in DIR/runs/<variant> (stages another "
+                                   "variant finished with the same fingerprint are reused), one student per cell "
+                                   "(variant x source x arch x seed x step) in DIR/cells/<id>.json, then DIR/study.json, "
+                                   "DIR/study.md (mean ± s.d. over seeds beside the paper's figures) and DIR/study.png.\n\n"
+                                   "studies:\n" + "\n".join(f"  {k:<15} {v}" for k, v in STUDIES.items()))
+    p.add_argument("study", choices=tuple(STUDIES), metavar="NAME", help=f"one of: {', '.join(STUDIES)}")
+    g = p.add_argument_group("run options")
+    g.add_argument("--config", metavar="PRESET|FILE",
+                   help=f"a preset ({', '.join(config.preset_names())}) or a YAML file; default: the study directory's "
+                        "config.yaml if there is one, else digits")
+    g.add_argument("--data", metavar="DIR", help="your own ImageNet-style folder: it replaces the config's data")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value for every variant (repeatable)")
+    g.add_argument("--out", metavar="DIR", help="the study directory (default: runs/study-NAME-<config name>)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="N", help="student seeds (default 0 1 2)")
+    g.add_argument("--steps", type=int, default=5, metavar="K", help="continual: class-incremental steps (default 5)")
+    g.add_argument("--sources", nargs="+", metavar="SOURCE",
+                   help="sources, archs, ipc, continual: the label sources to compare (default: every source)")
+    g.add_argument("--reuse", action="append", default=[], metavar="RUN_DIR",
+                   help="a finished run directory (e.g. a distill's) whose current stages the variants may reuse")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    for flag, key in _ALIASES.items():
+        _alias(g, flag, key)
 
 
 def _bench_parser(sub) -> None:
@@ -169,12 +216,53 @@ def _cmd_stage(args) -> int:
         results = pipe.distill()
     else:
         results = pipe.run_stage(args.command)
-    if args.command in ("distill", "student") and pipe.world.main:
+    if args.command in ("distill", pipe.order()[-1]) and pipe.world.main:  # the last stage's results: the report
         from hello_fast.stages.report import results_table
 
         print(results_table(results))
         print(f"\nrun directory: {pipe.run.root} (results.json, report.md, accuracy_vs_storage.png)")
     if pipe.world.distributed:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from hello_fast.pipeline import STATES, Pipeline
+
+    cfg = _load_cfg(args)
+    out = args.out or os.path.join("runs", cfg.name)
+    states = Pipeline(cfg, out, device="cpu").status()
+    if args.json:  # the stages the config turns off are left out
+        print(json.dumps({name: st for name, st in states.items() if st["state"] in STATES}, indent=2))
+        return 0
+    width = max(map(len, states))
+    print(f"run directory {os.path.abspath(out)} with config {cfg.name}:")
+    for name, st in states.items():
+        print(f"  {name:<{width}}  {st['state']:<7}" + (f"  {st['reason']}" if st["reason"] else "").rstrip())
+    return 0
+
+
+def _cmd_study(args) -> int:
+    from hello_fast import _progress
+    from hello_fast.study import run_study, summarise
+
+    if args.quiet:
+        _progress.set_enabled(False)
+    cfg = _load_cfg(args)
+    out = args.out or os.path.join("runs", f"study-{args.study}-{cfg.name}")
+    doc = run_study(args.study, cfg, out, seeds=args.seeds, steps=args.steps, sources=args.sources,
+                    reuse=[os.path.abspath(r) for r in args.reuse])
+    from hello_fast import distributed
+
+    if distributed.world().main:
+        for s in summarise(doc["rows"]):
+            step = f" step {s['step']} ({s['classes']} classes)" if s["step"] is not None else ""
+            print(f"{s['variant']:>16} {s['source']:>10} {s['arch']:>18}{step}: top-1 last {s['top1_last']}, "
+                  f"best {s['top1_best']}; {s['label_bytes']:,} label bytes")
+        print(f"\nstudy directory: {os.path.abspath(out)} (study.json, study.md, study.png)")
+    if distributed.world().distributed:
         import torch.distributed
 
         torch.distributed.destroy_process_group()
@@ -276,6 +364,10 @@ def main(argv=None) -> int:
             return _cmd_storage(args)
         if args.command == "config":
             return _cmd_config(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "study":
+            return _cmd_study(args)
         if args.command == "bench":
             if args.bench is None:
                 parser.parse_args(["bench", "--help"])

@@ -145,11 +145,14 @@ class ProjectorConfig:
     head_rank: int = opt(128, "LoRA rank on the head", min=1)
     linear_rank: int = opt(0, "LoRA rank on the tower's linear layers (attention pool, ViT blocks)", min=0)
     alpha: float | None = opt(None, "LoRA scale = alpha / rank (None: scale 1)", gt=0)
-    epochs: int = opt(10, "training epochs over the original set", min=1)
+    epochs: int = opt(10, "training epochs over the original set (0: none; the artifact is the untrained zero-shot "
+                          "head, Table 3's starting point)", min=0)
     batch_size: int = opt(256, "batch size", min=1)
     lr: float = opt(1e-3, "AdamW learning rate", gt=0)
     weight_decay: float = opt(0.0, "weight decay", min=0)
     lambda_ce: float = opt(1.0, "Eq. 5: MSE(projector, mean weak-teacher logits) + lambda * CE", min=0)
+    mse_weight: float = opt(1.0, "weight of Eq. 5's MSE to the mean weak-teacher logits (0: a plain CE probe on the "
+                                 "hard labels, Table 3's first column)", min=0)
     artifact_dtype: Literal["fp32", "fp16", "int8"] = opt(
         "fp32", "the LoRA tensors in the artifact: fp32 | fp16 | int8 (per-output-channel scales)")
 
@@ -566,6 +569,13 @@ def load_config(spec: str = "digits", overrides: list[str] | tuple = (), *, data
         _set_path(raw, path, value)
     return _build(Config, raw, "").validate()
 
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple) -> Config:
+    """A copy of `cfg` with `--set` style overrides applied, validated as load_config validates (a study's variants)."""
+    raw = cfg.to_dict()
+    for path, value in (parse_override(text) for text in overrides):
+        _set_path(raw, path, value)
+    return _build(Config, raw, "").validate()
 
 def _set_path(raw: dict, path: list[str], value) -> None:
     node = raw

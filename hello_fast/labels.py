@@ -8,8 +8,9 @@
 - `projector`: the label artifact's projector through a Relabeler, online (HeLlO);
 - `stored`: SRe2L-style soft labels, written once for the whole schedule (fp16 logits and the
   augmentation parameters of every batch of every epoch) and read back per batch. Replay only
-  works for the exact schedule they were written for (seed, epochs, batch size, image count,
-  resolution, mixing), which is checked: a mismatch is an error, not silently wrong labels;
+  works for the exact schedule they were written for (the students' AugmentRecipe, seed, epochs,
+  batch size, image count, ranks: hello_fast.data.schedule.schedule_of), which is checked: a
+  mismatch is an error, not silently wrong labels;
 - the compression baselines, stored labels written smaller (each decodes to float logits):
   `stored_int8` / `stored_int4`: symmetric per-crop quantisation (one fp32 scale per crop,
   scale = max|logit| / 127 or / 7; int4 packed two to a byte); `stored_topk` (FKD/LPQLD): the
@@ -35,12 +36,12 @@ from hello_fast import distributed
 from hello_fast._io import atomic_path, write_json
 from hello_fast._progress import log, progress
 from hello_fast._util import load_network
+from hello_fast.data.schedule import resident_set, schedule_of, views_for
 from hello_fast.errors import HelloError
 from hello_fast.layout import artifact_path, load_teachers, observer_path
 from hello_fast.models.students import mean_teacher_logits
 from hello_fast.projector.artifact import load_projector
 from hello_fast.relabel import Relabeler
-from hello_fast.stages.schedule import resident_set, schedule_of, views_for  # the specs rework moves it out of stages
 from hello_fast.storage import network_bytes
 
 
@@ -294,13 +295,14 @@ class StoredLabels(LabelSource):
         return batch.stored_logits
 
     @classmethod
-    def write(cls, directory: str, resident, labeler: LabelSource, description: dict, *, out_size: int, scale,
-              flip: bool, mix: str, alpha: float, views, progress=None) -> "StoredLabels":
-        """Draw the whole schedule's batches once, label them with `labeler`, and store params + encoded logits.
+    def write(cls, directory: str, resident, labeler: LabelSource, description: dict, *, views,
+              progress=None) -> "StoredLabels":
+        """Draw the whole schedule's batches once by the resident set's AugmentRecipe, label them with `labeler`,
+        and store params + encoded logits.
 
         `description`: {"source", "schedule", "encoding", "top_k", "pool_fraction"}. `resident` must be in
-        the state the training loop will start from (same seed), so replay gives the training loop exactly
-        these batches. A pool labels and keeps only its randomly chosen share of the batches.
+        the state the training loop will start from (same seed and recipe), so replay gives the training
+        loop exactly these batches. A pool labels and keeps only its randomly chosen share of the batches.
         """
         from safetensors.torch import save_file
 
@@ -321,7 +323,7 @@ class StoredLabels(LabelSource):
             tensors = {}
             order = resident.epoch_order(schedule["batch_size"])
             for step, index in enumerate(order):
-                params = resident.draw(index, out_size=out_size, scale=scale, flip=flip, mix=mix, alpha=alpha)
+                params = resident.draw(index)
                 if kept is not None:
                     slot = kept.get((epoch - 1) * steps_per_epoch + step)
                     if slot is None:
@@ -329,7 +331,7 @@ class StoredLabels(LabelSource):
                     key, target = str(slot), pool
                 else:
                     key, target = str(step), tensors
-                batch = resident.make(index, params, out_size=out_size, mix=mix, views=views)
+                batch = resident.make(index, params, views=views)
                 logits = labeler(batch)
                 classes = logits.shape[1]
                 stored = {"index": index, **params}
@@ -350,6 +352,31 @@ class StoredLabels(LabelSource):
         write_json(os.path.join(directory, cls.INDEX), dict(description, classes=classes, pool=pool_info,
                                                             payload_bytes=payload, param_bytes=params_bytes))
         return cls(directory, resident.device)
+
+
+class RestrictedLabels(LabelSource):
+    """Another source's labels for some classes only: its logits' columns of `classes`, in that order.
+
+    A class-incremental step's student has one output per class seen so far (hello_fast/study.py): its
+    soft labels are the full source's logits sliced to those classes (the softmax over them follows).
+    Everything else (views, stored replay, label bytes) is the wrapped source's.
+    """
+
+    def __init__(self, source: LabelSource, classes: list[int]):
+        self.source = source
+        self.classes = torch.as_tensor(list(classes), dtype=torch.long)
+        self.name, self.needs_clip_view, self.replays = source.name, source.needs_clip_view, source.replays
+        self.label_bytes = source.label_bytes
+        self.loss, self.temperature, self.beta = source.loss, source.temperature, source.beta  # rded's own loss
+
+    def __getattr__(self, name):  # mean/std/dtype of a projector, epoch/check_schedule of stored labels
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def __call__(self, batch):
+        logits = self.source(batch)
+        return None if logits is None else logits[:, self.classes.to(logits.device)]
 
 
 def stored_description(source: str, cfg, num_images: int) -> dict:
@@ -384,9 +411,8 @@ def label_source(source: str, cfg, run, distilled, out_dir: str, device, train_s
         description = stored_description(source, cfg, len(distilled))
         if distributed.world().main and not StoredLabels.complete(folder, description):
             resident = resident_set(cfg, distilled, device)
-            StoredLabels.write(folder, resident, teachers, description, out_size=cfg.data.image_size, scale=sc.scale,
-                               flip=cfg.data.flip, mix=sc.mix, alpha=sc.mix_alpha,
-                               views=views_for(teachers, device, fast), progress=progress)
+            StoredLabels.write(folder, resident, teachers, description, views=views_for(teachers, device, fast),
+                               progress=progress)
         distributed.barrier()
         return StoredLabels(folder, device)
     if source != "projector":

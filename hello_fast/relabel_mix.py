@@ -20,8 +20,10 @@ cutmix_alpha forced to 1), `prob` (chance of mixing a batch / pair / element), `
 (chance of CutMix instead of Mixup when both are on), `mode`: `batch` (one lambda and one box for
 the batch), `pair` (sample i and B-1-i swap the same box / share one lambda), `elem` (a lambda
 and a box per sample); the partner of sample i is always sample B-1-i (timm's `x.flip(0)`); CutMix
-boxes follow timm's `rand_bbox` (side int(S sqrt(1-lambda)), clipped) and lambda is corrected to
-the clipped box's area (timm's default `correct_lam=True`).
+boxes are squares of side int(S sqrt(1-lambda)) around a uniform centre, clipped, as timm's
+`rand_bbox` (see the differences below), and lambda is corrected to
+the clipped box's area (timm's default `correct_lam=True`). `RelabelMix.from_recipe` builds one
+from a student loop's AugmentRecipe (hello_fast.data.spec).
 Differences from timm, all deliberate:
 - in `pair` and `elem` modes with both Mixup and CutMix on, timm picks the kind per element;
   augment_mix applies one kind per call, so here the kind is drawn once per batch (each sample
@@ -30,6 +32,9 @@ Differences from timm, all deliberate:
   timm refuses them in every mode, here only `pair` does;
 - no `label_smoothing` / `num_classes`: the targets are the labeler's, not smoothed one-hots;
 - crops are resized bilinearly without antialiasing (augment_mix's rule);
+- the CutMix box is the package's one rule (augment_mix.cutmix_box: clip(centre -/+ side // 2), the
+  rule the student loop and every backend draw with); current timm's rand_bbox ends the box at
+  centre + (side + 1) // 2, one pixel further when the side is odd;
 - randomness comes from the object's own generators (`seed=`), not numpy's global state.
 """
 from __future__ import annotations
@@ -40,11 +45,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from hello_fast.data.spec import AugmentRecipe
 from hello_fast.distributed import resolve_device
 from hello_fast.errors import HelloError
 from hello_fast.layout import artifact_path, load_teachers
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, mean_teacher_logits
 from hello_fast.ops import augment_mix, sample_augment_params, soft_label_loss
+from hello_fast.ops.augment_mix import cutmix_box
 from hello_fast.relabel import Relabeler
 from hello_fast.rundir import RunDir
 
@@ -136,6 +143,20 @@ class RelabelMix:
         self.kind = None
 
     @classmethod
+    def from_recipe(cls, labeler, recipe: AugmentRecipe, **options) -> "RelabelMix":
+        """A RelabelMix drawing by a student loop's AugmentRecipe: its out_size, scale, ratio, flip and mix (one lambda
+        and one box per batch, every batch mixed); `options` are the others (device, seed, dtype, ...)."""
+        if recipe.shuffle_factor != 1:
+            raise HelloError(f"RelabelMix: the recipe's ShufflePatches (shuffle_factor {recipe.shuffle_factor}) is the "
+                             "student loop's; RelabelMix crops the images as given")
+        taken = {"mixup_alpha", "cutmix_alpha", "mode", "prob", "out_size", "scale", "ratio", "hflip"} & set(options)
+        if taken:
+            raise HelloError(f"RelabelMix.from_recipe: the recipe sets {', '.join(sorted(taken))}")
+        alphas = {"none": (0.0, 0.0), "mixup": (recipe.alpha, 0.0), "cutmix": (0.0, recipe.alpha)}[recipe.mix]
+        return cls(labeler, mixup_alpha=alphas[0], cutmix_alpha=alphas[1], mode="batch", prob=1.0,
+                   out_size=recipe.out_size, scale=recipe.scale, ratio=recipe.ratio, hflip=recipe.flip_prob, **options)
+
+    @classmethod
     def from_artifact(cls, path: str, *, backbone_weights: str | None = None, device=None, capture: bool = False,
                       **options) -> "RelabelMix":
         """A RelabelMix labelling with a label artifact's projector (see Relabeler.from_artifact)."""
@@ -208,7 +229,8 @@ class RelabelMix:
         return ("cutmix" if use_cutmix else "mixup"), unit_lam[unit], unit_cut[unit]
 
     def _boxes(self, n: int, lam: np.ndarray, S: int) -> np.ndarray:
-        """(top, left, bottom, right) per unit: timm's rand_bbox (square, clipped) or rand_bbox_minmax."""
+        """(top, left, bottom, right) per unit: timm's rand_bbox (augment_mix.cutmix_box, the box rule of every
+        backend) or, with cutmix_minmax, timm's rand_bbox_minmax (sides drawn in [min, max) of the image)."""
         rng = self._rng
         if self.cutmix_minmax is not None:
             lo, hi = int(S * self.cutmix_minmax[0]), int(S * self.cutmix_minmax[1])
@@ -220,8 +242,7 @@ class RelabelMix:
         side = (S * np.sqrt(1.0 - lam)).astype(np.int64)
         cy = rng.integers(0, S, size=n)
         cx = rng.integers(0, S, size=n)
-        return np.stack([np.clip(cy - side // 2, 0, S), np.clip(cx - side // 2, 0, S),
-                         np.clip(cy + (side + 1) // 2, 0, S), np.clip(cx + (side + 1) // 2, 0, S)], 1)
+        return np.stack(cutmix_box(cy, cx, side, S), 1)
 
     @torch.compiler.disable
     def _prepare(self, images: torch.Tensor):

@@ -182,8 +182,12 @@ class RunDir:
         return fd
 
     @contextlib.contextmanager
-    def stage(self, stage: str, fingerprint: str, summary: dict, collective: bool = False):
+    def stage(self, stage: str, fingerprint: str, summary: dict, collective: bool = False, basis: dict | None = None):
         """Work in the stage's partial folder (yielded); on success it becomes RUN/<stage> with done.json.
+
+        done.json keeps the fingerprint, the summary and `basis` (what the fingerprint covered, by name: the
+        options' values, the data's identity, the inputs' fingerprints), from which `hello-fast status` names
+        what changed.
 
         A partial folder left by an interrupted run with the same fingerprint is kept (the stage
         resumes from the checkpoint in it); any other is cleared. The caller fills `summary` before
@@ -217,7 +221,10 @@ class RunDir:
                 for leftover in (marker, os.path.join(partial, "checkpoint.pt")):
                     if os.path.exists(leftover):
                         os.remove(leftover)
-                write_json(os.path.join(partial, "done.json"), {"stage": stage, "fingerprint": fingerprint, "summary": summary})
+                done = {"stage": stage, "fingerprint": fingerprint, "summary": summary}
+                if basis is not None:
+                    done["basis"] = basis
+                write_json(os.path.join(partial, "done.json"), done)
                 final = self.path(stage)
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 if os.path.exists(final):

@@ -111,7 +111,7 @@ def test_artifact_is_byte_reproducible(tiny_run, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "again"
     shutil.copytree(os.path.join(run, "teachers"), out / "teachers")
-    Pipeline(tiny_config(), str(out), device="cpu").projector()
+    Pipeline(tiny_config(), str(out), device="cpu").run_stage("projector")
     with open(os.path.join(run, "projector", "artifact.safetensors"), "rb") as a, open(out / "projector" / "artifact.safetensors", "rb") as b:
         assert a.read() == b.read()
 

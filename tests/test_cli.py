@@ -15,12 +15,13 @@ def run(*args, cwd=None, env=None):
     return subprocess.run(CMD + list(args), capture_output=True, text=True, cwd=cwd, env=e)
 
 
-@pytest.mark.parametrize("sub", ["", "distill", "teachers", "select", "projector", "refine", "student", "inspect", "storage"])
+@pytest.mark.parametrize("sub", ["", "distill", "teachers", "select", "projector", "refine", "student", "inspect", "storage",
+                                 "study"])
 def test_help_explains(sub):
     out = run(*([sub] if sub else []), "--help")
     assert out.returncode == 0
     assert "usage: hello-fast" in out.stdout
-    if sub in ("distill", "student"):
+    if sub in ("distill", "student", "study"):
         assert "--config" in out.stdout and "--data" in out.stdout and "--set" in out.stdout
 
 

@@ -17,6 +17,7 @@ pytest.importorskip("nvidia.dali")
 from hello_fast.data import dali  # noqa: E402
 from hello_fast.data.loader import batches  # noqa: E402
 from hello_fast.data.sources import FileImageSet, procedural_images  # noqa: E402
+from hello_fast.data.spec import AugmentRecipe, DataPass, rank_plan  # noqa: E402
 from hello_fast.errors import HelloError  # noqa: E402
 from hello_fast.ops.augment_mix import effective_lam  # noqa: E402
 
@@ -46,8 +47,18 @@ def folder(tmp_path_factory):
     return FileImageSet(files, labels, classes)
 
 
+# batches()' keywords that belong to the DataPass, by their DataPass name
+_PASS = {"size": "image_size", "scale": "scale", "ratio": "ratio", "flip": "flip", "eval_resize": "eval_resize",
+         "num_workers": "workers", "sharded": "sharded"}
+
+
+def _pass(loader, kw):
+    """A DataPass from the pass keywords in `kw` (removed from it)."""
+    return DataPass(loader=loader, **{_PASS[k]: kw.pop(k) for k in list(kw) if k in _PASS})
+
+
 def _all(loader, images, **kw):
-    out = list(batches(images, loader=loader, **kw))
+    out = list(batches(images, _pass(loader, kw), **kw))
     return torch.cat([b[0] for b in out]), torch.cat([b[1] for b in out]), torch.cat([b[2] for b in out]), out
 
 
@@ -93,25 +104,26 @@ def test_eval_centre_crop_matches_torchvision(folder, size, resize):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_sharding_splits_without_overlap(folder, train, monkeypatch):
-    """Each rank of a 3-way run reads its own shard: no image twice, none missed (training: equal shards)."""
+def test_sharding_is_each_ranks_share_of_every_global_batch(folder, train, monkeypatch):
+    """A sharded pass means the same for DALI as for the torch loader: each rank of a 3-way run reads its share of every
+    global batch, in order, so the ranks' batches put together are the single process's batches."""
     from hello_fast import distributed
 
     order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(0))
-    seen = []
+    single = rank_plan(order, 7, drop_last=False, sharded=True)  # one process: the global batches
+    shares = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "world", lambda r=rank: distributed.World(rank=r, size=3, local_rank=r))
-        b = dali.FolderBatches(folder, order, size=16, batch_size=6, train=train, seed=0, scale=(0.5, 1), ratio=(0.75, 1.33),
-                                flip=True, drop_last=False, eval_resize=None, device="cpu", num_workers=1, sharded=True)
-        got = torch.cat([x[2] for x in b])
-        assert len(got) == b.shard_len and len(list(b)) == len(b)
-        seen.append(got.tolist())
-    flat = [i for s in seen for i in s]
-    assert len(flat) == len(set(flat))
-    if train:
-        assert len({len(s) for s in seen}) == 1 and len(flat) == len(folder) - len(folder) % 3
-    else:
-        assert sorted(flat) == list(range(len(folder)))
+        plan = rank_plan(order, 7, drop_last=False, sharded=True)
+        b = dali.FolderBatches(folder, plan, DataPass(16, loader="dali", workers=1, sharded=True), train=train, seed=0,
+                               device="cpu")
+        got = [x[2].tolist() for x in b]
+        assert got == plan and len(got) == len(b)
+        shares.append(got)
+        torch_batches = [x[2].tolist() for x in batches(folder, DataPass(16, loader="torch", sharded=True), train=train,
+                                                        batch_size=7, indices=order, shuffle=False)]
+        assert torch_batches == plan
+    assert [sum((s[k] for s in shares), []) for k in range(len(single))] == single
 
 
 def _broken_folder(tmp_path):
@@ -195,12 +207,14 @@ def test_loader_choice_is_checked(folder):
     gif = FileImageSet([folder.files[0][:-4] + ".gif"], [0], ["a"])
     assert resolve_loader("auto", gif) == "torch"
     with pytest.raises(HelloError, match=r"\.gif"):
-        list(batches(gif, size=8, batch_size=1, train=False, loader="dali"))
+        list(batches(gif, DataPass(8, loader="dali"), batch_size=1, train=False))
 
 
 def test_mixing_after_normalisation_is_augment_mix_semantics(rng):
-    """mix_views on normalised views equals normalising augment_mix's mixed output (CutMix box, Mixup weights)."""
+    """augment_mix's mix step on normalised views (the DALI backend's order) equals normalising augment_mix's mixed
+    output (CutMix box, Mixup weights)."""
     from hello_fast.ops import augment_mix, sample_augment_params
+    from hello_fast.ops.augment_mix import mix_batch
 
     src = torch.randint(0, 256, (6, 3, 20, 23), dtype=torch.uint8, generator=rng)
     index = torch.randperm(6, generator=rng)[:5]
@@ -210,7 +224,7 @@ def test_mixing_after_normalisation_is_augment_mix_semantics(rng):
         want, lam = augment_mix(src, index, **p, mode=mode, out_size=17, views=[(mean, std, torch.float32)], backend="torch")
         plain, _ = augment_mix(src, index, **{**p, "partner": torch.arange(5)}, mode="none", out_size=17,
                                views=[(mean, std, torch.float32)], backend="torch")
-        got = dali.mix_views(plain[0], p["partner"], p["lam"], p["cut"], mode)
+        got = mix_batch(plain[0], p["partner"], p["lam"], p["cut"], mode)
         torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(effective_lam(mode, p["lam"], p["cut"], 17), lam, atol=1e-6, rtol=0)
 
@@ -225,11 +239,10 @@ def test_dali_distilled_set_batches():
     views = [(IMAGENET_MEAN, IMAGENET_STD, torch.float32), (*clip, torch.float32)]
 
     def epoch(seed):
-        s = dali.DaliDistilledSet(images, labels, "cpu", seed=seed, batch_size=8, out_size=16, scale=(0.5, 1.0), flip=True, views=views)
+        s = dali.DaliDistilledSet(images, labels, "cpu", AugmentRecipe(16), seed, batch_size=8, views=views)
         out = []
         for index in s.epoch_order(8):
-            p = s.draw(index, out_size=16, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
-            out.append(s.make(index, p, out_size=16, mix="cutmix", views=views))
+            out.append(s.make(index, s.draw(index), views=views))
         return out
 
     a, b = epoch(3), epoch(3)
@@ -243,18 +256,17 @@ def test_dali_distilled_set_batches():
         m1, s1 = torch.tensor(clip[0]).view(1, 3, 1, 1), torch.tensor(clip[1]).view(1, 3, 1, 1)
         torch.testing.assert_close(x.views[0] * s0 + m0, x.views[1] * s1 + m1, atol=1e-4, rtol=0)
     # pixel statistics match the resident path's (same crops rule, different draws)
-    r = ResidentSet(images, labels, "cpu", seed=3)
+    plain = AugmentRecipe(16, mix="none")
+    r = ResidentSet(images, labels, "cpu", plain, seed=3)
     ref = []
     for _ in range(6):
         for index in r.epoch_order(8):
-            p = r.draw(index, out_size=16, scale=(0.5, 1.0), flip=True, mix="none", alpha=1.0)
-            ref.append(r.make(index, p, out_size=16, mix="none", views=views).views[0])
-    s = dali.DaliDistilledSet(images, labels, "cpu", seed=0, batch_size=8, out_size=16, scale=(0.5, 1.0), flip=True, views=views)
+            ref.append(r.make(index, r.draw(index), views=views).views[0])
+    s = dali.DaliDistilledSet(images, labels, "cpu", plain, 0, batch_size=8, views=views)
     got = []
     for _ in range(6):
         for index in s.epoch_order(8):
-            p = s.draw(index, out_size=16, scale=(0.5, 1.0), flip=True, mix="none", alpha=1.0)
-            got.append(s.make(index, p, out_size=16, mix="none", views=views).views[0])
+            got.append(s.make(index, s.draw(index), views=views).views[0])
     ref, got = torch.cat(ref), torch.cat(got)
     assert torch.allclose(ref.mean((0, 2, 3)), got.mean((0, 2, 3)), atol=0.08)
     assert torch.allclose(ref.std((0, 2, 3)), got.std((0, 2, 3)), atol=0.08)
@@ -317,8 +329,7 @@ def test_gpu_pipelines_match_the_cpu_ones(folder):
 def test_gpu_dali_distilled_set():
     images, labels = procedural_images(3, 4, 24)
     views = [((0.5,) * 3, (0.25,) * 3, torch.bfloat16)]
-    s = dali.DaliDistilledSet(images, labels, "cuda", seed=0, batch_size=6, out_size=16, scale=(0.5, 1.0), flip=True, views=views)
+    s = dali.DaliDistilledSet(images, labels, "cuda", AugmentRecipe(16, mix="mixup"), 0, batch_size=6, views=views)
     for index in s.epoch_order(6):
-        p = s.draw(index, out_size=16, scale=(0.5, 1.0), flip=True, mix="mixup", alpha=1.0)
-        b = s.make(index, p, out_size=16, mix="mixup", views=views)
+        b = s.make(index, s.draw(index), views=views)
         assert b.views[0].is_cuda and b.views[0].dtype == torch.bfloat16 and np.isfinite(b.views[0].float().cpu().numpy()).all()

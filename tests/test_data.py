@@ -14,6 +14,7 @@ from PIL import Image
 from hello_fast.config import load_config
 from hello_fast.data import validate
 from hello_fast.data.loader import batches, eval_transform, random_resized_crop_box
+from hello_fast.data.spec import DataPass
 from hello_fast.data import sources
 from hello_fast.data.sources import FileImageSet, digits_splits, folder_splits, load_splits, mnist5k_splits, procedural_images
 from hello_fast.errors import HelloError
@@ -123,10 +124,11 @@ def test_unreadable_image_is_skipped_with_its_name(tmp_path):
     files = sorted(str(p) for p in (root / "train").rglob("*.png"))
     unchecked = FileImageSet(files, [0] * len(files), ["x"])
     with pytest.warns(RuntimeWarning, match="1.png"):
-        got = [b for b in batches(unchecked, size=16, batch_size=4, train=False)]
+        got = [b for b in batches(unchecked, DataPass(16), batch_size=4, train=False)]
     assert sum(len(b[1]) for b in got) == len(files) - 1
     with pytest.raises(HelloError, match="dog/1.png"):
-        list(batches(FileImageSet(files, [0] * len(files), ["x"], on_bad_image="error"), size=16, batch_size=4, train=False))
+        list(batches(FileImageSet(files, [0] * len(files), ["x"], on_bad_image="error"), DataPass(16), batch_size=4,
+                     train=False))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -166,11 +168,11 @@ def test_class_count_is_checked():
 
 def test_training_batches_are_deterministic_for_any_worker_count():
     train, _ = digits_splits(32, 0.2)
-    kw = dict(size=24, batch_size=64, train=True, seed=3, epoch=2)
-    a = [b for b in batches(train, **kw)]
-    b = [b for b in batches(train, num_workers=2, **kw)]
+    kw = dict(batch_size=64, train=True, seed=3, epoch=2)
+    a = [b for b in batches(train, DataPass(24), **kw)]
+    b = [b for b in batches(train, DataPass(24, workers=2), **kw)]
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) for x, y in zip(a, b))
-    c = next(iter(batches(train, **dict(kw, epoch=3))))
+    c = next(iter(batches(train, DataPass(24), **dict(kw, epoch=3))))
     assert not torch.equal(a[0][0], c[0])  # another epoch, another stream
     assert a[0][0].shape == (64, 3, 24, 24)
     assert sorted(torch.cat([x[2] for x in a]).tolist()) == list(range(len(train)))  # each image once

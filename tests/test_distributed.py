@@ -65,3 +65,19 @@ def test_student_stage_on_two_processes_matches_one(tmp_path):
         # per-rank BatchNorm on CPUs (SyncBatchNorm needs GPUs) and per-rank CutMix partners: close, not equal
         assert abs(double[source]["top1_best"] - single[source]["top1_best"]) <= 20
         assert double[source]["label_bytes"] == single[source]["label_bytes"]
+
+
+@pytest.mark.slow
+def test_a_study_on_two_processes_writes_its_files_once(tmp_path):
+    """`hello-fast study` under torchrun: the stages and students run data-parallel; rank 0 alone writes and reports."""
+    out = tmp_path / "study"
+    res = _torchrun("study", "sources", "--out", str(out), "--seeds", "0", "--sources", "hard", "teacher",
+                    *tiny_sets("refine.enabled=false", "student.epochs=1"))
+    assert res.stdout.count("study directory:") == 1 and res.stderr.count("study: cell") == 2
+    doc = json.loads((out / "study.json").read_text())
+    assert [(r["source"], r["seed"]) for r in doc["rows"]] == [("hard", 0), ("teacher", 0)]
+    assert len(list((out / "cells").glob("*.json"))) == 2 and (out / "study.md").is_file()
+    # run again: every cell finished, nothing trains
+    again = _torchrun("study", "sources", "--out", str(out), "--seeds", "0", "--sources", "hard", "teacher",
+                      *tiny_sets("refine.enabled=false", "student.epochs=1"))
+    assert "study: cell" not in again.stderr and json.loads((out / "study.json").read_text())["rows"] == doc["rows"]

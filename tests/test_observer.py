@@ -27,19 +27,19 @@ def test_full_observer_trains_on_and_keeps_the_final_network(tmp_path):
     pipe = Pipeline(cfg, out, device="cpu")
     # a weak-only teacher run is stale for a full observer: it must go on to teachers.epochs
     assert pipe.fingerprint("teachers") != Pipeline(tiny_config("teachers.epochs=3"), out, device="cpu").fingerprint("teachers")
-    summary = pipe.teachers()
+    summary = pipe.run_stage("teachers")
     assert summary["checkpoints"] == ["epoch_001.safetensors", "epoch_002.safetensors"]  # the weak teachers, unchanged
     assert summary["observer"] == "epoch_003.safetensors" and set(summary["bytes"]) == {"1", "2"}
     assert 0 <= summary["observer_top1"] <= 100
     assert observer_path(pipe.run, full=True).endswith("epoch_003.safetensors")
     assert observer_path(pipe.run).endswith("epoch_002.safetensors")
-    assert pipe.select()["images"] == 6
+    assert pipe.run_stage("select")["images"] == 6
     with pytest.raises(HelloError, match="before the last weak teacher"):
-        Pipeline(tiny_config("select.observer=full", "teachers.epochs=1"), out, device="cpu").teachers()
+        Pipeline(tiny_config("select.observer=full", "teachers.epochs=1"), out, device="cpu").run_stage("teachers")
 
 
     weak_only = Pipeline(tiny_config(), str(tmp_path / "weak"), device="cpu")
-    weak_only.teachers()
+    weak_only.run_stage("teachers")
     with pytest.raises(HelloError, match="kept no fully trained network"):
         observer_path(weak_only.run, full=True)
 
@@ -61,7 +61,7 @@ def test_your_own_checkpoint_as_the_observer(tmp_path):
     got = observer.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
     pipe = Pipeline(cfg, out, device="cpu")
-    assert pipe.select()["images"] == 6
+    assert pipe.run_stage("select")["images"] == 6
     fp = pipe.fingerprint("select")
     torch.save(_own_observer(2).state_dict(), path)  # other weights in the same file: the selection is stale
     assert Pipeline(cfg, out, device="cpu").fingerprint("select") != fp

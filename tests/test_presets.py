@@ -4,7 +4,8 @@ import pytest
 from hello_fast.config import load_config, preset_names
 from hello_fast.storage import MIB, sre2l_soft_label_bytes
 
-PAPER_PRESETS = ("imagenet1k-ipc1", "imagenet1k-ipc10", "imagenet1k-ipc50", "imagenet100-ipc10", "places365-ipc10")
+PAPER_PRESETS = ("imagenet1k-ipc1", "imagenet1k-ipc10", "imagenet1k-ipc50", "imagenet100-ipc1", "imagenet100-ipc10",
+                 "imagenet100-ipc50", "places365-ipc1", "places365-ipc10", "places365-ipc50")
 
 
 def test_every_preset_loads_and_names_itself():
@@ -21,6 +22,8 @@ def test_every_preset_loads_and_names_itself():
     ("imagenet1k-ipc1", 1),     # earlier teachers for smaller IPC (Sec. 4.4.3): Table 4's earliest column
     ("imagenet1k-ipc50", 21),   # later teachers for larger IPC: the column after IPC 10's
     ("places365-ipc10", 1),
+    # the same reading for ImageNet-100 and Places365, whose IPC 10 already takes the earliest column
+    ("imagenet100-ipc1", 1), ("imagenet100-ipc50", 11), ("places365-ipc1", 1), ("places365-ipc50", 11),
 ])
 def test_nine_weak_teachers_five_epochs_apart(preset, first):
     cfg = load_config(preset)
@@ -36,6 +39,15 @@ def test_imagenet1k_ipc_and_rdeds_batch_sizes(preset, ipc, batch):
     assert (cfg.select.ipc, cfg.student.batch_size) == (ipc, batch)  # RDED: (10, 50, 100) x 2 for 1,000 classes
     assert cfg.data.num_classes == 1000 and cfg.student.epochs == 300
     assert (cfg.clip.model, cfg.clip.pretrained, cfg.projector.head_rank) == ("RN50", "openai", 128)
+
+
+@pytest.mark.parametrize("preset, ipc, batch, classes, head_rank", [
+    ("imagenet100-ipc1", 1, 20, 100, 64), ("imagenet100-ipc50", 50, 200, 100, 64),
+    ("places365-ipc1", 1, 20, 365, 128), ("places365-ipc50", 50, 200, 365, 128),
+])
+def test_imagenet100_and_places365_at_ipc_1_and_50(preset, ipc, batch, classes, head_rank):
+    cfg = load_config(preset)
+    assert (cfg.select.ipc, cfg.student.batch_size, cfg.data.num_classes, cfg.projector.head_rank) == (ipc, batch, classes, head_rank)
 
 
 @pytest.mark.parametrize("preset", PAPER_PRESETS)

@@ -16,6 +16,7 @@ from hello_fast.errors import HelloError
 from hello_fast.models.clip import load_clip
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD
 from hello_fast.ops import augment_mix_reference, soft_label_loss_reference
+from hello_fast.ops.augment_mix import cutmix_box
 from hello_fast.projector.model import build_projector
 from hello_fast.relabel import Relabeler
 
@@ -146,7 +147,9 @@ class _Scripted:
 
 @pytest.mark.parametrize("minmax", [None, (0.2, 0.8)])
 def test_boxes_follow_timms_rules(monkeypatch, rng, minmax):
-    """For the same random integers, RelabelMix's CutMix boxes are timm's rand_bbox / rand_bbox_minmax boxes."""
+    """For the same random integers, RelabelMix's CutMix boxes are timm's rand_bbox_minmax boxes, and the package's one box
+    rule (augment_mix.cutmix_box, which the student loop draws with): timm's rand_bbox wherever the side is even (for
+    odd sides current timm ends the box one pixel further, cy + (side + 1) // 2)."""
     mixup_mod = pytest.importorskip("timm.data.mixup")
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     print(f"seed {seed}")
@@ -168,11 +171,16 @@ def test_boxes_follow_timms_rules(monkeypatch, rng, minmax):
             monkeypatch.setattr(mixup_mod.np.random, "randint", lambda *a, **k: next(calls))
             theirs.append(mixup_mod.rand_bbox((3, S, S), lam[i]))
         yl, yh, xl, xh = np.array(theirs).T
+        side = (S * np.sqrt(1.0 - lam)).astype(np.int64)
+        assert np.array_equal(ours, np.stack(cutmix_box(scripted[0], scripted[1], side, S), 1))
+        even = side % 2 == 0
+        assert even.any() and (~even).any()
+        assert np.array_equal(ours[even], np.stack([yl, xl, yh, xh], 1)[even])
     else:
         calls = iter(scripted)
         monkeypatch.setattr(mixup_mod.np.random, "randint", lambda *a, **k: next(calls))
         yl, yh, xl, xh = mixup_mod.rand_bbox_minmax((3, S, S), minmax, count=n)
-    assert np.array_equal(ours, np.stack([yl, xl, yh, xh], 1))
+        assert np.array_equal(ours, np.stack([yl, xl, yh, xh], 1))
 
 
 def test_draws_follow_timms_probabilities(rng):

@@ -94,7 +94,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(F, "cross_entropy", poisoned)
     pipe = Pipeline(tiny_config("teachers.keep_epochs=[1,2,3,4]"), str(tmp_path / "nan"), device="cpu")
     with pytest.raises(HelloError) as e:
-        pipe.teachers()  # 36 train images, batch 16: 3 steps per epoch
+        pipe.run_stage("teachers")  # 36 train images, batch 16: 3 steps per epoch
     msg = str(e.value)
     assert "NaN or infinite in epoch 3" in msg and "last good checkpoint is kept" in msg and "teachers.lr" in msg
     ckpt = tmp_path / "nan" / ".partial" / "teachers" / "checkpoint.pt"
@@ -102,5 +102,5 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     from hello_fast.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(ckpt))
-    assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 2 and all(torch.isfinite(v).all() for v in state["weights"].values() if v.is_floating_point())
     assert not (tmp_path / "nan" / "teachers" / "done.json").exists()

@@ -10,7 +10,11 @@ from conftest import tiny_config
 
 from hello_fast import config as config_mod
 from hello_fast import pipeline as pipeline_mod
-from hello_fast.pipeline import GRAPH, STAGES, Pipeline
+from hello_fast import stages as stages_mod
+from hello_fast.cli import build_parser
+from hello_fast.data import sources, validate
+from hello_fast.errors import HelloError
+from hello_fast.pipeline import GRAPH, STAGES, Pipeline, stage_order
 from hello_fast.stages.contract import Stage
 
 STAGE_DIR = os.path.join(os.path.dirname(pipeline_mod.__file__), "stages")
@@ -18,9 +22,30 @@ CONFIGS = [(), ("select.observer=projector",), ("select.method=random",), ("refi
            ("select.observer=full", "teachers.epochs=3"), ("student.label_sources=[hard,stored]",)]
 
 
-def test_the_graph_holds_the_five_stages_in_distill_order():
-    assert STAGES == ("teachers", "select", "projector", "refine", "student")
+def test_the_graph_holds_the_listed_stages_and_orders_them_by_what_they_read():
+    assert STAGES == tuple(stages_mod.STAGES) == ("teachers", "select", "projector", "refine", "student")
     assert all(isinstance(s, Stage) and s.name == name for name, s in GRAPH.items())
+    assert stage_order(tiny_config()) == ("teachers", "select", "projector", "refine", "student")
+    # the projector as RDED's observer: selection reads it, so it runs first
+    assert stage_order(tiny_config("select.observer=projector")) == ("teachers", "projector", "select", "refine", "student")
+    assert stage_order(tiny_config("select.method=random")) == ("teachers", "select", "projector", "refine", "student")
+
+
+def test_the_commands_and_their_help_come_from_the_stage_list():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, what in stages_mod.STAGES.items():
+        assert name in commands and commands[name].description == what
+    assert {"distill", "status"} <= set(commands)
+
+
+def test_a_circle_or_an_unknown_stage_in_the_reads_is_refused(monkeypatch):
+    cfg = tiny_config()
+    monkeypatch.setitem(GRAPH, "teachers", dataclasses.replace(GRAPH["teachers"], reads=lambda cfg, unit: ("student",)))
+    with pytest.raises(HelloError, match="read each other in a circle"):
+        stage_order(cfg)
+    monkeypatch.setitem(GRAPH, "teachers", dataclasses.replace(GRAPH["teachers"], reads=lambda cfg, unit: ("labels",)))
+    with pytest.raises(HelloError, match="teachers reads labels, which is no stage"):
+        stage_order(cfg)
 
 
 @pytest.mark.parametrize("extra", CONFIGS)
@@ -35,9 +60,9 @@ def test_each_stage_reads_only_known_stages_and_options(extra):
                 assert key in {f.name for f in dataclasses.fields(getattr(cfg, section))}, (stage.name, option)
         for unit in stage.units(cfg):
             assert set(stage.reads(cfg, unit)) <= set(STAGES) - {stage.name}, (stage.name, unit)
-    # the graph has no cycle: a stage reads only stages that some order puts before it
-    order = ["teachers", "projector", "select"] if cfg.select.observer == "projector" else ["teachers", "select", "projector"]
-    order += ["refine", "student"]
+    # the order distill runs puts every stage after each stage it reads
+    order = stage_order(cfg)
+    assert sorted(order) == sorted(STAGES)
     for i, name in enumerate(order):
         for unit in GRAPH[name].units(cfg):
             assert set(GRAPH[name].reads(cfg, unit)) <= set(order[:i]), (name, unit)
@@ -59,6 +84,45 @@ def test_fingerprints_run_nothing(tmp_path):
         fps = {(name, unit): pipe.fingerprint(name, unit) for name, s in GRAPH.items() for unit in s.units(cfg)}
         assert len(set(fps.values())) == len(fps)  # each unit its own fingerprint
     assert not out.exists()  # nothing trained, selected or even recorded
+
+
+def _jpeg_folder(root, classes=3, per_class=4):
+    from PIL import Image
+
+    images, labels = sources.procedural_images(classes, per_class, 24, seed=3)
+    for i, (img, label) in enumerate(zip(images, labels.tolist())):
+        d = root / f"class_{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def _refuse_decoding(monkeypatch):
+    """Opening an image or running the image check fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr("PIL.Image.open", refuse)
+    monkeypatch.setattr(validate, "check_images", refuse)
+
+
+def test_a_folder_runs_fingerprints_open_no_image_and_write_nothing(tmp_path, monkeypatch):
+    """The data's identity is the folder's listing: no image check (no image_check.npz), no decode, no file."""
+    data = _jpeg_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = tiny_config()
+    cfg.data.source, cfg.data.root = "folder", str(data)
+    _refuse_decoding(monkeypatch)
+    pipe = Pipeline(cfg, str(out), device="cpu")
+    fps = {(name, unit): pipe.fingerprint(name, unit) for name, s in GRAPH.items() for unit in s.units(cfg)}
+    assert len(set(fps.values())) == len(fps)
+    assert not out.exists() and not (out / validate.CACHE_NAME).exists()
+    # a file touched or replaced makes the data new: every stage that reads it changes
+    again = Pipeline(cfg, str(out), device="cpu")
+    assert again.fingerprint("teachers") == fps["teachers", None]
+    victim = next((data / "class_1").iterdir())
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    assert Pipeline(cfg, str(out), device="cpu").fingerprint("teachers") != fps["teachers", None]
 
 
 def _another_value(o):
@@ -92,7 +156,7 @@ def test_result_neutral_options_rerun_nothing(tiny_run):
 def test_a_failing_stage_leaves_nothing_finished_and_the_rerun_completes(tmp_path, monkeypatch):
     """The pipeline's transaction: a stage that dies part-way commits nothing; the next run redoes it."""
     out = str(tmp_path / "run")
-    Pipeline(tiny_config(), out, device="cpu").teachers()
+    Pipeline(tiny_config(), out, device="cpu").run_stage("teachers")
     real = GRAPH["select"]
 
     def dies(inputs, stage_dir):
@@ -102,10 +166,10 @@ def test_a_failing_stage_leaves_nothing_finished_and_the_rerun_completes(tmp_pat
 
     monkeypatch.setitem(GRAPH, "select", dataclasses.replace(real, run=dies))
     with pytest.raises(RuntimeError, match="part-way"):
-        Pipeline(tiny_config(), out, device="cpu").select()
+        Pipeline(tiny_config(), out, device="cpu").run_stage("select")
     assert not os.path.exists(os.path.join(out, "select"))
     assert os.path.exists(os.path.join(out, ".partial", "select", "half.txt"))  # kept for a resume with the same config
     monkeypatch.setitem(GRAPH, "select", real)
-    summary = Pipeline(tiny_config(), out, device="cpu").select()
+    summary = Pipeline(tiny_config(), out, device="cpu").run_stage("select")
     assert summary["images"] == 3 * 2  # 3 classes x ipc 2
     assert Pipeline(tiny_config(), out, device="cpu").run.done("select")["summary"]["images"] == 6

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from hello_fast.data import schedule
 from hello_fast.data.distilled import load_distilled
+from hello_fast.data.spec import AugmentRecipe
 from hello_fast.errors import HelloError
 from hello_fast.labels import label_source
 from hello_fast.ops import augment_mix_reference
@@ -14,7 +16,6 @@ from hello_fast.pipeline import Pipeline
 from hello_fast.projector.artifact import load_projector
 from hello_fast.relabel import Relabeler
 from hello_fast.rundir import RunDir
-from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
 
@@ -115,9 +116,9 @@ def test_resident_set_draws_every_image_once_per_epoch(run_dir):
     res = schedule.resident_set(cfg, distilled, "cpu")
     order = res.epoch_order(4)
     assert sorted(torch.cat(order).tolist()) == list(range(len(distilled)))
-    p = res.draw(order[0], out_size=32, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
+    p = res.draw(order[0])
     views = [((0.5,) * 3, (0.25,) * 3, torch.float32)]
-    batch = res.make(order[0], p, out_size=32, mix="cutmix", views=views)
+    batch = res.make(order[0], p, views=views)
     ref, lam = augment_mix_reference(distilled.images, order[0], **p, mode="cutmix", out_size=32, views=views)
     assert torch.allclose(batch.views[0], ref[0], atol=2e-3) and torch.allclose(batch.lam, lam)
     assert torch.equal(batch.hard, distilled.labels[order[0]])
@@ -135,11 +136,10 @@ def test_label_sources(run_dir, tmp_path):
     cfg = tiny_config()
     distilled = load_distilled(os.path.join(run_dir, "refine"))
     srcs = _sources(run_dir, cfg, distilled, True, str(tmp_path))
-    res = schedule.resident_set(cfg, distilled, "cpu")
+    res = schedule.resident_set(cfg, distilled, "cpu", AugmentRecipe(32, mix="mixup"))
     index = res.epoch_order(4)[0]
-    p = res.draw(index, out_size=32, scale=(0.5, 1.0), flip=True, mix="mixup", alpha=1.0)
     views = schedule.views_for(srcs["projector"], torch.device("cpu"), True)
-    batch = res.make(index, p, out_size=32, mix="mixup", views=views)
+    batch = res.make(index, res.draw(index), views=views)
     assert srcs["hard"](batch) is None and srcs["hard"].label_bytes == 6 * 8
     teacher = srcs["teacher"](batch)
     from hello_fast.layout import load_teachers
@@ -167,9 +167,9 @@ def test_stored_labels_replay_the_teachers_schedule(run_dir, tmp_path):
         live = res.epoch_order(cfg.student.batch_size)
         for (index, params, logits), idx in zip(stored.epoch(epoch), live):
             assert torch.equal(index, idx)
-            p = res.draw(idx, out_size=32, scale=cfg.student.scale, flip=cfg.data.flip, mix="cutmix", alpha=1.0)
+            p = res.draw(idx)
             assert all(torch.equal(params[k], p[k]) for k in p)
-            batch = res.make(idx, p, out_size=32, mix="cutmix", views=views)
+            batch = res.make(idx, p, views=views)
             assert torch.allclose(logits, teacher(batch), atol=2e-2, rtol=2e-3)  # fp16 storage
     with pytest.raises(HelloError, match="another schedule"):
         stored.check_schedule(schedule.schedule_of(tiny_config("student.batch_size=5"), len(distilled)))
@@ -188,7 +188,7 @@ def test_fast_and_plain_steps_compute_the_same_thing(run_dir, tmp_path, source):
         pipe = Pipeline(cfg, run_dir, device="cpu")
         src = label_source(source, cfg, pipe.run, distilled, str(tmp_path), "cpu", pipe.data()[0])
         res = schedule.resident_set(cfg, distilled, "cpu")
-        steps = st._Steps(cfg, res, src, schedule.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
+        steps = st.EpochBatches(cfg, res, src, schedule.views_for(src, torch.device("cpu"), loop == "fast"), 1, loop == "fast",
                           torch.device("cpu"), overlap=False)
         batch, target = next(iter(steps))
         torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """RDED's student recipe: ShufflePatches in the student loop, decay groups, the per-architecture learning rates, the
 schedule and the paper presets' batch sizes."""
+import dataclasses
 import math
 import os
 
@@ -8,16 +9,18 @@ import torch
 from conftest import tiny_config
 
 from hello_fast.config import load_config
+from hello_fast.data import schedule
+from hello_fast.data.spec import AugmentRecipe
 from hello_fast.data.sources import TensorImageSet, procedural_images
 from hello_fast.labels import HardLabels
 from hello_fast.models.students import ARCHS, RDED_LR, build_model, decay_groups, learning_rate
 from hello_fast.ops import augment_mix_reference
 from hello_fast.ops.augment_mix import shuffle_patches
-from hello_fast.stages import schedule
 from hello_fast.stages import student as st
 
-PAPER_PRESETS = {"imagenet1k-ipc1": 20, "imagenet1k-ipc10": 100, "imagenet1k-ipc50": 200, "imagenet100-ipc10": 100,
-                 "places365-ipc10": 100}  # RDED's batch by IPC (x2 for 100 and 1,000 classes)
+PAPER_PRESETS = {"imagenet1k-ipc1": 20, "imagenet1k-ipc10": 100, "imagenet1k-ipc50": 200, "imagenet100-ipc1": 20,
+                 "imagenet100-ipc10": 100, "imagenet100-ipc50": 200, "places365-ipc1": 20, "places365-ipc10": 100,
+                 "places365-ipc50": 200}  # RDED's batch by IPC (x2 for 100 and 1,000 classes)
 
 
 def _sets(size=32, per_class=8):
@@ -104,15 +107,16 @@ def test_rded_schedule_falls_to_half():
 def test_the_loop_draws_shuffle_patches_per_image_and_both_loops_apply_it(rng):
     distilled, _ = _sets(size=30)  # 30 px: a factor of 4 leaves a remainder
     cfg = tiny_config("student.shuffle_patches=true", "select.factor=4", "student.batch_size=5")
-    assert schedule.shuffle_factor(cfg) == 4 and schedule.schedule_of(cfg, len(distilled))["shuffle_factor"] == 4
+    recipe = dataclasses.replace(AugmentRecipe.from_config(cfg), out_size=30)
+    assert recipe.shuffle_factor == 4 and schedule.schedule_of(cfg, len(distilled))["shuffle_factor"] == 4
     views = [((0.0,) * 3, (1 / 255,) * 3, torch.float32)]
     got = {}
     for loop in ("fast", "plain"):
-        res = schedule.resident_set(cfg, distilled, "cpu")
+        res = schedule.resident_set(cfg, distilled, "cpu", recipe)
         index = res.epoch_order(5)[0]
-        p = res.draw(index, out_size=30, scale=cfg.student.scale, flip=True, mix="cutmix", alpha=1.0)
+        p = res.draw(index)
         assert p["shuffle"].shape == (5, 2, 4)
-        batch = res.make(index, p, out_size=30, mix="cutmix", views=views, backend=None if loop == "fast" else "torch")
+        batch = res.make(index, p, views=views, backend=None if loop == "fast" else "torch")
         # the reference on explicitly shuffled images: the crops are crops of the shuffled image
         shuffled = shuffle_patches(distilled.images[index], p["shuffle"])
         unshuffled = {k: v for k, v in p.items() if k != "shuffle"}
@@ -121,8 +125,7 @@ def test_the_loop_draws_shuffle_patches_per_image_and_both_loops_apply_it(rng):
         got[loop] = batch.views[0]
     assert torch.allclose(got["fast"], got["plain"], atol=2e-3)  # the same stream drawn both ways
     off = tiny_config("select.factor=4")
-    assert "shuffle" not in schedule.resident_set(off, distilled, "cpu").draw(index, out_size=30, scale=(0.5, 1.0), flip=True,
-                                                                         mix="cutmix", alpha=1.0)
+    assert "shuffle" not in schedule.resident_set(off, distilled, "cpu").draw(index)
 
 
 @pytest.mark.slow
@@ -162,7 +165,7 @@ def test_stored_labels_replay_the_shuffle(tiny_run, tmp_path):
     stored = label_source("stored", cfg, pipe.run, distilled, str(tmp_path), torch.device("cpu"), pipe.data()[0])
     res = schedule.resident_set(cfg, distilled, "cpu")
     for (index, params, _), idx in zip(stored.epoch(1), res.epoch_order(cfg.student.batch_size)):
-        p = res.draw(idx, out_size=32, scale=cfg.student.scale, flip=cfg.data.flip, mix="cutmix", alpha=1.0)
+        p = res.draw(idx)
         assert torch.equal(index, idx) and torch.equal(params["shuffle"], p["shuffle"])
     with pytest.raises(HelloError, match="shuffle_factor"):
         stored.check_schedule(schedule.schedule_of(tiny_config("student.epochs=1"), len(distilled)))
@@ -175,14 +178,13 @@ def test_dali_backend_crops_the_shuffled_images():
         pytest.skip("NVIDIA DALI is not installed")
     images, labels = procedural_images(3, 4, 24)
     views = [((0.5,) * 3, (0.25,) * 3, torch.float32)]
-    s = dali.DaliDistilledSet(images, labels, "cpu", seed=0, batch_size=6, out_size=16, scale=(0.5, 1.0), flip=True,
-                              views=views, shuffle_factor=2)
+    s = dali.DaliDistilledSet(images, labels, "cpu", AugmentRecipe(16, shuffle_factor=2), 0, batch_size=6, views=views)
     index = s.epoch_order(6)[0]
-    p = s.draw(index, out_size=16, scale=(0.5, 1.0), flip=True, mix="cutmix", alpha=1.0)
+    p = s.draw(index)
     fed = []
     feed = s.pipe.feed_input
     s.pipe.feed_input = lambda name, data: (fed.append(data), feed(name, data))[1]
-    batch = s.make(index, p, out_size=16, mix="cutmix", views=views)
+    batch = s.make(index, p, views=views)
     want = shuffle_patches(images[index], p["shuffle"]).permute(0, 2, 3, 1)
     assert p["shuffle"].shape == (6, 2, 2) and torch.equal(torch.stack([torch.from_numpy(x) for x in fed[0]]), want)
     assert batch.views[0].shape == (6, 3, 16, 16) and torch.isfinite(batch.views[0]).all()
@@ -196,7 +198,7 @@ def test_dali_backend_crops_the_shuffled_images():
 def test_paper_presets_use_rdeds_recipe(name, batch):
     cfg = load_config(name)
     sc = cfg.student
-    assert sc.shuffle_patches and schedule.shuffle_factor(cfg) == cfg.select.factor == 2
+    assert sc.shuffle_patches and AugmentRecipe.from_config(cfg).shuffle_factor == cfg.select.factor == 2
     assert sc.schedule == "rded" and not sc.decay_norms_and_biases
     assert sc.lr is None and learning_rate(sc.arch, sc.lr) == RDED_LR[sc.arch]
     assert sc.scale == [1 / cfg.select.factor, 1.0]

@@ -3,18 +3,19 @@
 Three pipelines, each on the GPU (`device_id` an int: decoding `device="mixed"`) or the CPU
 (`device_id=None`, for machines without a GPU):
 
-- `train_pipeline`: file reader (sharded with `shard_id`/`num_shards`) -> decode with a
+- `train_pipeline`: file reader (the files in the given order) -> decode with a
   random-resized crop (torchvision's scale/ratio rule, 10 attempts) -> resize -> random flip ->
   uint8, or normalised when `mean`/`std` are given.
 - `eval_pipeline`: decode -> resize the shorter side -> centre crop -> uint8 or normalised.
 - `DaliDistilledSet`: the distilled set for the student loop, fed from memory: random-resized
-  crop with the student's scale range, flip, normalised for the student and for CLIP in one
-  pass; CutMix/Mixup applied after, on the normalised views (normalisation is affine, so mixing
-  after it equals mixing before).
+  crop by the students' AugmentRecipe, flip, normalised for the student and for CLIP in one
+  pass; CutMix/Mixup applied after by augment_mix's mix step, on the normalised views
+  (normalisation is affine, so mixing after it equals mixing before).
 
-`FolderBatches` is what the stages use (through `hello_fast.data.loader.batches(loader="dali")`):
-the same contract as the torch loader — uint8 (B, 3, S, S) batches, labels in the set's fixed
-class order, and the set indices — and the same per-(seed, epoch) order of images, with one
+`FolderBatches` is what the stages use (through `hello_fast.data.loader.batches` with a DataPass
+whose loader is dali): the same contract as the torch loader — uint8 (B, 3, S, S) batches, labels
+in the set's fixed class order, and the set indices — and the same per-(seed, epoch) order of
+images and the same sharding (each rank its share of every global batch), with one
 pipeline per epoch seeded by (seed, epoch) so that a resumed run sees the batches an
 uninterrupted one would. The image check (hello_fast.data.validate) has left out the files that
 could crash DALI's parser before a run's sets are made; a file DALI still cannot decode (bytes of
@@ -31,11 +32,11 @@ import re
 import numpy as np
 import torch
 
-from hello_fast import distributed
 from hello_fast.data import validate
 from hello_fast.data.resident import Batch, ResidentSet
+from hello_fast.data.spec import AugmentRecipe, DataPass
 from hello_fast.errors import HelloError
-from hello_fast.ops.augment_mix import effective_lam, shuffle_patches
+from hello_fast.ops.augment_mix import CROP_TRIES, effective_lam, mix_batch, shuffle_patches
 
 # what DALI's image decoder reads (no GIF)
 DALI_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".jp2")
@@ -80,13 +81,12 @@ def _normalize(images, mean, std, mirror):
 
 
 def train_pipeline(files, indices, *, batch_size: int, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                   flip: bool = True, seed: int = 0, shard_id: int = 0, num_shards: int = 1, device_id=None,
-                   num_threads: int = 2, mean=None, std=None):
+                   flip: bool = True, seed: int = 0, device_id=None, num_threads: int = 2, mean=None, std=None):
     """A built DALI pipeline over `files` in the given order; outputs (images CHW, index).
 
     `indices` travel with the files as the reader's labels (the set positions: the caller maps
-    them to class labels). Each shard reads its contiguous slice of `files`; the last batch of a
-    shard is padded with its last sample (the caller keeps the real rows).
+    them to class labels). The last batch is padded with its last sample (the caller keeps the
+    real rows). Sharding is the caller's: it gives each rank its own files (spec.rank_plan).
     """
     _require()
     from nvidia.dali import fn, pipeline_def, types
@@ -95,8 +95,7 @@ def train_pipeline(files, indices, *, batch_size: int, size: int, scale=(0.08, 1
                   prefetch_queue_depth=2)
     def pipe():
         encoded, index = fn.readers.file(files=list(files), labels=[int(i) for i in indices], random_shuffle=False,
-                                         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-                                         name="reader")
+                                         pad_last_batch=True, name="reader")
         images = fn.decoders.image_random_crop(encoded, device="cpu" if device_id is None else "mixed",
                                                output_type=types.RGB, random_area=list(scale),
                                                random_aspect_ratio=list(ratio), num_attempts=10)
@@ -137,8 +136,8 @@ def _torchvision_centre_crop(encoded, images, size: int, resize: int):
                     out_of_bounds_policy="pad")
 
 
-def eval_pipeline(files, indices, *, batch_size: int, size: int, resize: int | None = None, shard_id: int = 0,
-                  num_shards: int = 1, device_id=None, num_threads: int = 2, mean=None, std=None):
+def eval_pipeline(files, indices, *, batch_size: int, size: int, resize: int | None = None, device_id=None,
+                  num_threads: int = 2, mean=None, std=None):
     """A built DALI pipeline: resize the shorter side to `resize` (default size*256/224), centre-crop `size`.
 
     The geometry is torchvision's (`Resize(resize)` + `CenterCrop(size)`) to the pixel.
@@ -152,8 +151,7 @@ def eval_pipeline(files, indices, *, batch_size: int, size: int, resize: int | N
                   prefetch_queue_depth=2)
     def pipe():
         encoded, index = fn.readers.file(files=list(files), labels=[int(i) for i in indices], random_shuffle=False,
-                                         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True,
-                                         name="reader")
+                                         pad_last_batch=True, name="reader")
         images = fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
         images = _torchvision_centre_crop(encoded, images, size, resize)
         return _normalize(images, mean, std, False), index
@@ -215,42 +213,35 @@ def undecodable(files: list[str], *, device_id=None, num_threads: int = 2) -> li
     return sorted(bad)
 
 
-def shard_bounds(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """The slice of n files DALI's reader gives shard `shard_id` of `num_shards`."""
-    return n * shard_id // num_shards, n * (shard_id + 1) // num_shards
-
-
 class FolderBatches:
-    """(uint8 images, labels, indices) batches of a file image set through DALI; `len()` is the number of batches."""
+    """(uint8 images, labels, indices) batches of a file image set through DALI; `len()` is the number of batches.
 
-    def __init__(self, images, order: torch.Tensor, *, size: int, batch_size: int, train: bool, seed: int, scale,
-                 ratio, flip: bool, drop_last: bool, eval_resize, device, num_workers: int, sharded: bool):
+    `plan`: this process's batches of set indices (hello_fast.data.spec.rank_plan: every global batch,
+    or under a sharded pass this rank's share of each, as the torch loader reads them). One pipeline
+    reads the plan's images in order with a batch of the plan's first (largest) batch; the last,
+    shorter batch is padded by DALI's reader and cut back here.
+    """
+
+    def __init__(self, images, plan: list[list[int]], data_pass: DataPass, *, train: bool, seed: int, device):
         _require()
         bad = unsupported_files(images.files)
         if bad:
             raise HelloError(f"the dali loader cannot decode {bad[0]} ({len(bad)} such files; DALI reads "
                              f"{', '.join(DALI_EXTENSIONS)}): use --loader torch")
-        self.images, self.train, self.drop_last = images, train, drop_last
+        self.images, self.train = images, train
         self.device_id = _device_id(device)
-        self.threads = num_workers if num_workers > 0 else min(4, os.cpu_count() or 1)
-        w = distributed.world()
-        self.shard_id, self.num_shards = (w.rank, w.size) if (sharded and w.distributed) else (0, 1)
-        self.batch_size = max(1, batch_size // self.num_shards)
-        order = order.tolist()
-        if train and self.num_shards > 1:  # equal shards: every rank takes the same number of steps
-            order = order[: len(order) - len(order) % self.num_shards]
-        self.order = order
-        lo, hi = shard_bounds(len(order), self.shard_id, self.num_shards)
-        self.shard_len = hi - lo
-        self.kw = dict(size=size, device_id=self.device_id, num_threads=self.threads)
+        self.threads = data_pass.threads
+        self.batches = len(plan)
+        self.batch_size = len(plan[0]) if plan else 1
+        self.order = [i for batch in plan for i in batch]
+        self.kw = dict(size=data_pass.image_size, device_id=self.device_id, num_threads=self.threads)
         if train:
-            self.kw.update(scale=tuple(scale), ratio=tuple(ratio), flip=flip, seed=seed % (2**31 - 1))
+            self.kw.update(scale=data_pass.scale, ratio=data_pass.ratio, flip=data_pass.flip, seed=seed % (2**31 - 1))
         else:
-            self.kw.update(resize=eval_resize)
+            self.kw.update(resize=data_pass.eval_resize)
 
     def __len__(self):
-        n = self.shard_len
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.batches
 
     def _plan(self, order: list[int]) -> list[int]:
         """This epoch's list with known-bad images taken out: replaced (training) or dropped (evaluation)."""
@@ -264,10 +255,9 @@ class FolderBatches:
             return good
         return [i if i not in bad else good[k % len(good)] for k, i in enumerate(order)]
 
-    def _build(self, order, shard_id, num_shards):
+    def _build(self, order):
         make = train_pipeline if self.train else eval_pipeline
-        return make([self.images.files[i] for i in order], order, batch_size=self.batch_size, shard_id=shard_id,
-                    num_shards=num_shards, **self.kw)
+        return make([self.images.files[i] for i in order], order, batch_size=self.batch_size, **self.kw)
 
     def _culprits(self, err: Exception, remaining: list[int]) -> list[int]:
         """The images behind a failed batch: named by DALI, else found among this batch and the prefetched ones."""
@@ -282,10 +272,8 @@ class FolderBatches:
         return found
 
     def __iter__(self):
-        lo, hi = shard_bounds(len(self.order), self.shard_id, self.num_shards)
-        order = self._plan(self.order)
-        mine = order[lo:hi]
-        pipe = self._build(order, self.shard_id, self.num_shards)
+        mine = self._plan(self.order)
+        pipe = self._build(mine)
         done, total, emitted = 0, len(mine), 0
         limit = len(self)
         labels = self.images.labels
@@ -304,40 +292,42 @@ class FolderBatches:
                 if done >= total:
                     break
                 del pipe
-                pipe = self._build(rest, 0, 1)  # this shard's remaining images, as one shard
+                pipe = self._build(rest)  # the remaining images of this plan
                 continue
             take = min(self.batch_size, total - done)
             x = to_torch(out_images, self.device_id)[:take]
             index = torch.from_numpy(np.array(out_index.as_tensor())).reshape(-1)[:take].long()
             done += take
             emitted += 1
-            if self.drop_last and take < self.batch_size:
-                break
             yield x, labels[index], index
 
 
 class DaliDistilledSet:
     """The student loop's distilled set augmented by a DALI pipeline (an alternative to ResidentSet).
 
-    Same interface as ResidentSet (`epoch_order`, `draw`, `my_share`, `make`): the batch indices and
-    the CutMix/Mixup parameters come from the set's generator; crops and flips are drawn by DALI,
-    whose pipeline is rebuilt every epoch with a seed from that generator (so a resumed run
-    repeats an uninterrupted one). Stored-label replay needs the exact crops: it uses ResidentSet.
-    With shuffle_factor > 1 RDED's ShufflePatches orders are drawn with the mix parameters and
-    applied to the images (augment_mix's rule, a gather on the device) before DALI crops them.
+    Same interface as ResidentSet (`recipe`, `epoch_order`, `draw`, `my_share`, `make`): the batch
+    indices and the CutMix/Mixup parameters come from the set's generator by the recipe (the one box
+    rule, augment_mix.cutmix_box) and are applied by augment_mix's mix step (`mix_batch`); crops and
+    flips are drawn by DALI's random_resized_crop with the recipe's scale, ratio and flip (DALI's
+    operator draws them on its own: the crops cannot follow augment_mix.crop_try), its pipeline
+    rebuilt every epoch with a seed from that generator (so a resumed run repeats an uninterrupted
+    one). Stored-label replay needs the exact crops: it uses ResidentSet. With shuffle_factor > 1
+    RDED's ShufflePatches orders are drawn with the mix parameters and applied to the images
+    (augment_mix's rule, a gather on the device) before DALI crops them.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, seed: int = 0, *, batch_size: int,
-                 out_size: int, scale, flip: bool, views, num_threads: int = 2, shuffle_factor: int = 1):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, recipe: AugmentRecipe, seed: int = 0, *,
+                 batch_size: int, views, num_threads: int = 2):
         _require()
         # index stream, mix parameters and ShufflePatches orders
-        self.resident = ResidentSet(images, labels, device, seed, shuffle_factor=shuffle_factor)
+        self.resident = ResidentSet(images, labels, device, recipe, seed)
+        self.recipe = recipe
         self.generator = self.resident.generator
         self.device = self.resident.device
         self.device_id = _device_id(self.device)
         self.hwc = self.resident.images.permute(0, 2, 3, 1).contiguous()
         self.labels = self.resident.labels
-        self.batch_size, self.out_size, self.scale, self.flip = batch_size, out_size, tuple(scale), flip
+        self.batch_size = batch_size
         self.views = [(tuple(m), tuple(s), dt) for m, s, dt in views]
         self.threads = num_threads
         self.pipe = None
@@ -352,15 +342,16 @@ class DaliDistilledSet:
         from nvidia.dali import fn, pipeline_def, types
 
         device = "cpu" if self.device_id is None else "gpu"
+        r = self.recipe
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=self.device_id, seed=seed,
                       prefetch_queue_depth=1)
         def pipe():
             images = fn.external_source(name="images", device=device, layout="HWC", dtype=types.UINT8)
-            crops = fn.random_resized_crop(images, size=[self.out_size, self.out_size], random_area=list(self.scale),
-                                           random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, antialias=False,
+            crops = fn.random_resized_crop(images, size=[r.out_size, r.out_size], random_area=list(r.scale),
+                                           random_aspect_ratio=list(r.ratio), num_attempts=CROP_TRIES, antialias=False,
                                            interp_type=types.INTERP_LINEAR)
-            mirror = fn.random.coin_flip(probability=0.5 if self.flip else 0.0)
+            mirror = fn.random.coin_flip(probability=r.flip_prob)
             return tuple(_normalize(crops, m, s, mirror) for m, s, _ in self.views)
 
         p = pipe()
@@ -372,14 +363,13 @@ class DaliDistilledSet:
         self.pipe = self._build(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
         return order
 
-    def draw(self, index, *, out_size: int, scale, flip: bool, mix: str, alpha: float) -> dict:
-        params = self.resident.draw(index, out_size=out_size, scale=scale, flip=flip, mix=mix, alpha=alpha)
+    def draw(self, index) -> dict:
+        params = self.resident.draw(index)
         return {k: params[k] for k in ("partner", "lam", "cut", "shuffle") if k in params}
 
     my_share = staticmethod(ResidentSet.my_share)
 
-    def make(self, index, params: dict, *, out_size: int, mix: str, views, channels_last: bool = False,
-             backend=None, check: bool = False):
+    def make(self, index, params: dict, *, views, channels_last: bool = False, backend=None, check: bool = False):
         if self.pipe is None:
             raise RuntimeError("DaliDistilledSet.make before epoch_order")
         rows = self.hwc[index]
@@ -389,26 +379,9 @@ class DaliDistilledSet:
                              else [r.numpy() for r in rows.cpu()])
         outs = [to_torch(o, self.device_id).to(self.device) for o in self.pipe.run()]
         partner, lam, cut = params["partner"], params["lam"], params["cut"]
+        mix, out_size = self.recipe.mix, self.recipe.out_size
         out = []
         for v, (_, _, dtype) in zip(outs, views):
-            v = mix_views(v, partner, lam, cut, mix)
-            v = v.to(dtype)
+            v = mix_batch(v, partner, lam, cut, mix).to(dtype)
             out.append(v.contiguous(memory_format=torch.channels_last) if channels_last else v)
         return Batch(tuple(out), self.labels[index], partner, effective_lam(mix, lam, cut, out_size), index, params)
-
-
-def mix_views(x: torch.Tensor, partner, lam, cut, mode: str) -> torch.Tensor:
-    """CutMix/Mixup of a batch of (normalised) views, by augment_mix's semantics."""
-    x = x.float()
-    if mode == "mixup":
-        w = lam.to(x.device, torch.float32).view(-1, 1, 1, 1)
-        return w * x + (1 - w) * x[partner]
-    if mode == "cutmix":
-        n = x.shape[-1]
-        r = torch.arange(n, device=x.device)
-        c = cut.to(x.device)
-        rows = (r[None] >= c[:, 0:1]) & (r[None] < c[:, 2:3])
-        cols = (r[None] >= c[:, 1:2]) & (r[None] < c[:, 3:4])
-        box = (rows[:, :, None] & cols[:, None, :])[:, None]
-        return torch.where(box, x[partner], x)
-    return x

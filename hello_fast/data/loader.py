@@ -6,8 +6,9 @@ any number of DataLoader workers or processes. Evaluation batches: resize the sh
 centre-crop. Images are decoded in DataLoader workers for file sets. A run's folder sets have
 passed the image check (hello_fast.data.validate) already; an image that still fails to decode is
 dropped from its batch (FileImageSet warns, naming the file). Batches are uint8 (B, 3, S, S).
-`loader="dali"` hands file sets to hello_fast.data.dali instead: the same order, labels and kind
-of batch, decoded and augmented by DALI (on the GPU when the device is one).
+A DataPass (hello_fast.data.spec) says how a pass reads; with `loader="dali"` file sets go to
+hello_fast.data.dali instead: the same order, labels, sharding and kind of batch, decoded and
+augmented by DALI (on the GPU when the device is one).
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from hello_fast import distributed
 from hello_fast.data import dali
 from hello_fast.data.dali import FolderBatches
 from hello_fast.data.sources import FileImageSet, ImageSet
+from hello_fast.data.spec import DataPass, rank_plan
 from hello_fast.errors import HelloError
+from hello_fast.ops.augment_mix import CROP_TRIES, crop_fallback, crop_try
 
 _MIX = 1_000_003
 
@@ -31,26 +33,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def random_resized_crop_box(height: int, width: int, scale, ratio, g: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) by torchvision's RandomResizedCrop rule: 10 tries, then a centre crop."""
+    """(top, left, h, w) by torchvision's RandomResizedCrop rule (augment_mix.crop_try / crop_fallback), drawn
+    one try at a time from `g` in float64."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
+    for _ in range(CROP_TRIES):
         target_area = area * float(torch.empty(1).uniform_(scale[0], scale[1], generator=g))
         aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
+        h, w, fits = crop_try(torch.tensor(target_area, dtype=torch.float64), torch.tensor(aspect, dtype=torch.float64),
+                              height, width)
+        if bool(fits):
+            h, w = int(h), int(w)
             top = int(torch.randint(0, height - h + 1, (1,), generator=g))
             left = int(torch.randint(0, width - w + 1, (1,), generator=g))
             return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return crop_fallback(height, width, ratio)
 
 
 def eval_transform(img: torch.Tensor, size: int, resize: int | None) -> torch.Tensor:
@@ -63,13 +60,23 @@ def eval_transform(img: torch.Tensor, size: int, resize: int | None) -> torch.Te
 
 
 class _View(Dataset):
-    def __init__(self, images: ImageSet, size: int, train: bool, scale, ratio, flip: bool, seed: int, epoch: int, eval_resize):
-        self.images, self.size, self.train = images, size, train
-        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
-        self.seed, self.epoch, self.eval_resize = seed, epoch, eval_resize
+    """Sample i of `images` as the pass makes it: `crops` random-resized crops (K, 3, S, S) when training
+    (one crop: (3, S, S)), drawn from the generator of (seed, epoch, i); the eval transform otherwise."""
+
+    def __init__(self, images: ImageSet, data_pass: DataPass, train: bool, seed: int, epoch: int, crops: int):
+        self.images, self.data_pass, self.size, self.train = images, data_pass, data_pass.image_size, train
+        self.seed, self.epoch, self.crops = seed, epoch, crops
 
     def __len__(self):
         return len(self.images)
+
+    def _crop(self, img, g):
+        p = self.data_pass
+        top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], p.scale, p.ratio, g)
+        img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+        if p.flip and bool(torch.rand((), generator=g) < 0.5):
+            img = img.flip(-1)
+        return img
 
     def __getitem__(self, i):
         img = self.images.load(i)
@@ -77,12 +84,10 @@ class _View(Dataset):
             return None
         if self.train:
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i))
-            top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], self.scale, self.ratio, g)
-            img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
-            if self.flip and bool(torch.rand((), generator=g) < 0.5):
-                img = img.flip(-1)
+            crops = [self._crop(img, g) for _ in range(self.crops)]
+            img = crops[0] if self.crops == 1 else torch.stack(crops)
         else:
-            img = eval_transform(img, self.size, self.eval_resize)
+            img = eval_transform(img, self.size, self.data_pass.eval_resize)
         return img.contiguous(), int(self.images.labels[i]), i
 
 
@@ -126,36 +131,26 @@ def resolve_loader(loader: str, images: ImageSet) -> str:
     return "dali" if files and dali.available() and not dali.unsupported_files(images.files) else "torch"
 
 
-def batches(images: ImageSet, *, size: int, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
-            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True, shuffle: bool | None = None,
-            indices=None, num_workers: int = 0, eval_resize: int | None = None, drop_last: bool = False,
-            sharded: bool = False, loader: str = "torch", device=None):
-    """Batches of `images` (all, or `indices` in that order, shuffled per (seed, epoch) when `shuffle`).
+def batches(images: ImageSet, data_pass: DataPass, *, train: bool, batch_size: int, seed: int = 0, epoch: int = 0,
+            device=None, shuffle: bool | None = None, indices=None, drop_last: bool = False, crops: int = 1):
+    """Batches of `images` for one pass (all, or `indices` in that order, shuffled per (seed, epoch) when `shuffle`,
+    which defaults to `train`).
 
-    `sharded`: under torchrun, this rank's share (torch: a contiguous share of every global batch
-    of `batch_size`, the same order and augmentation on every rank, so that together the ranks see
-    exactly the batches a single process would; DALI: the reader's shard of the epoch).
-    `loader`: torch (torchvision in DataLoader workers), dali (hello_fast.data.dali, on `device`)
-    or auto. Both take the images in the same order and yield the same kind of batch.
+    `data_pass` says how (hello_fast.data.spec.DataPass): the loader (torch: torchvision in
+    DataLoader workers; dali: hello_fast.data.dali on `device`; auto), the training crop and flip,
+    the evaluation resize, and `sharded` (under torchrun this rank's share of every global batch,
+    `spec.rank_plan`, for both loaders). `crops` > 1 (training, torch loader): that many crops of each image, batches (B, crops, 3, S, S).
     """
     shuffle = train if shuffle is None else shuffle
     order = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if shuffle:
         g = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
         order = order[torch.randperm(len(order), generator=g)]
-    if resolve_loader(loader, images) == "dali":
-        return FolderBatches(images, order, size=size, batch_size=batch_size, train=train,
-                              seed=sample_seed(seed, epoch, -2), scale=scale, ratio=ratio, flip=flip,
-                              drop_last=drop_last, eval_resize=eval_resize, device=device,
-                              num_workers=num_workers, sharded=sharded)
-    view = _View(images, size, train, scale, ratio, flip, seed, epoch, eval_resize)
-    common = dict(num_workers=num_workers, collate_fn=_collate, persistent_workers=False, pin_memory=False)
-    if sharded and distributed.world().distributed:
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        if drop_last and chunks and len(chunks[-1]) < batch_size:
-            chunks = chunks[:-1]
-        plan = [c[distributed.share(len(c))].tolist() for c in chunks]
-        loader = DataLoader(view, batch_sampler=[p for p in plan if p], **common)
-    else:
-        loader = DataLoader(view, batch_size=batch_size, sampler=order.tolist(), drop_last=drop_last, **common)
-    return Batches(loader)
+    plan = rank_plan(order, batch_size, drop_last=drop_last, sharded=data_pass.sharded, train=train)
+    if resolve_loader(data_pass.loader, images) == "dali":
+        if crops != 1:
+            raise HelloError("the dali loader draws one crop per image read; use the torch loader for several crops per image")
+        return FolderBatches(images, plan, data_pass, train=train, seed=sample_seed(seed, epoch, -2), device=device)
+    view = _View(images, data_pass, train, seed, epoch, crops)
+    return Batches(DataLoader(view, batch_sampler=plan, num_workers=data_pass.workers, collate_fn=_collate,
+                              persistent_workers=False, pin_memory=False))

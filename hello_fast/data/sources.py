@@ -276,16 +276,9 @@ def _checked(files: list[str], labels: list[int], check: validate.ImageCheck, wh
     return [files[k] for k in keep], [labels[k] for k in keep]
 
 
-def folder_splits(root: str, val_fraction: float, on_bad_image: str, *, check: bool = True,
-                  cache: str | None = None, num_classes: int | None = None,
-                  class_names: list[str] | None = None) -> tuple[FileImageSet, FileImageSet]:
-    """An ImageNet-style folder: root/train/<class>/*, root/val/<class>/*; or root/<class>/* split here.
-
-    Every file passes the image check (hello_fast.data.validate; `check=False`: directory entries
-    only), with its verdicts cached at `cache`; the files it leaves out are gone before the split,
-    so the others keep their split and order. Both sets carry the verdicts (`.check`). The class
-    count and names are checked against `num_classes`/`class_names` before that (costly) pass.
-    """
+def _scan_folder(root: str) -> tuple[str, list[str], list[str], list[int], list[str], list[int], bool]:
+    """The directory listing of an ImageNet-style folder (nothing opened): (where the classes are, classes, train files,
+    their labels, val files, their labels, whether val/ is its own split)."""
     if not root:
         raise HelloError("no data folder given: pass --data DIR (an ImageNet-style folder with train/ and val/)")
     if not os.path.isdir(root):
@@ -302,7 +295,39 @@ def folder_splits(root: str, val_fraction: float, on_bad_image: str, *, check: b
             raise HelloError(f"data folder {root} is empty (expected train/ and val/ class folders)")
         where = root
         classes, files, labels = _scan_class_folders(root, None)
-    has_val = where == train_dir and os.path.isdir(val_dir)
+    return where, classes, files, labels, vfiles, vlabels, where == train_dir and os.path.isdir(val_dir)
+
+
+def folder_identity(root: str, num_classes: int | None = None, class_names: list[str] | None = None) -> str:
+    """A short fingerprint of an ImageNet-style folder from its listing alone: each file's path, class, split, size and
+    modification time. No image is opened and nothing is written (a run's fingerprints and `hello-fast status` use it);
+    a file replaced or touched makes it new. The class count is checked against the config's here already."""
+    _, classes, files, labels, vfiles, vlabels, has_val = _scan_folder(root)
+    _class_names(len(classes), num_classes, class_names)
+    h = hashlib.sha256(f"folder\t{'train+val' if has_val else 'split'}\n".encode())
+    for split, paths, labs in (("train", files, labels), ("val", vfiles, vlabels)):
+        for f, label in zip(paths, labs):
+            try:
+                st = os.stat(f)
+                sig = f"{st.st_size}\t{st.st_mtime_ns}"
+            except OSError as e:
+                sig = f"unreadable {e.errno}"
+            h.update(f"{split}\t{f}\t{label}\t{sig}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def folder_splits(root: str, val_fraction: float, on_bad_image: str, *, check: bool = True,
+                  cache: str | None = None, num_classes: int | None = None,
+                  class_names: list[str] | None = None) -> tuple[FileImageSet, FileImageSet]:
+    """An ImageNet-style folder: root/train/<class>/*, root/val/<class>/*; or root/<class>/* split here.
+
+    Every file passes the image check (hello_fast.data.validate; `check=False`: directory entries
+    only), with its verdicts cached at `cache`; the files it leaves out are gone before the split,
+    so the others keep their split and order. Both sets carry the verdicts (`.check`). The class
+    count and names are checked against `num_classes`/`class_names` before that (costly) pass.
+    """
+    where, classes, files, labels, vfiles, vlabels, has_val = _scan_folder(root)
+    val_dir = os.path.join(root, "val")
     names = _class_names(len(classes), num_classes, class_names) or folder_class_names(classes, root)
     verdicts = validate.screen(files + vfiles, on_bad_image=on_bad_image, cache=cache, full=check)
     files, labels = _checked(files, labels, verdicts, where, classes)

@@ -159,6 +159,61 @@ def shuffle_patches(images: torch.Tensor, shuffle: torch.Tensor) -> torch.Tensor
     return out.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
 
+CROP_TRIES = 10  # torchvision's RandomResizedCrop: 10 tries, then the centre crop
+
+
+def crop_try(target_area: torch.Tensor, aspect: torch.Tensor, height: int, width: int):
+    """The crop rule of every RandomResizedCrop here (torchvision's): a try of area `target_area` and aspect
+    `aspect` (tensors, computed in their dtype) has h = round(sqrt(area / aspect)), w = round(sqrt(area *
+    aspect)) (halves to even), and fits when 0 < h <= height and 0 < w <= width. Returns (h, w, fits)."""
+    w = torch.round(torch.sqrt(target_area * aspect)).long()
+    h = torch.round(torch.sqrt(target_area / aspect)).long()
+    return h, w, (w > 0) & (w <= width) & (h > 0) & (h <= height)
+
+
+def crop_fallback(height: int, width: int, ratio) -> tuple[int, int, int, int]:
+    """torchvision's crop after CROP_TRIES failed tries: (top, left, h, w) of the whole image's centre,
+    cut to the nearest aspect in `ratio`."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def cutmix_box(cy, cx, side, size: int):
+    """The CutMix box rule of every backend and of RelabelMix (timm's rand_bbox): a square of side `side`
+    around the centre (cy, cx), clipped to the size x size image: (top, left, bottom, right), each
+    clip(centre -/+ side // 2, 0, size). Works on torch tensors and numpy arrays alike."""
+    half = side // 2
+    return (cy - half).clip(0, size), (cx - half).clip(0, size), (cy + half).clip(0, size), (cx + half).clip(0, size)
+
+
+def mix_batch(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor, cut: torch.Tensor, mode: str) -> torch.Tensor:
+    """The mix step of augment_mix's semantics on a batch (B, C, H, W), in float32: Mixup lam x + (1 - lam) x[partner],
+    CutMix x with the box cut[b] = (top, left, bottom, right) taken from x[partner[b]], none x.
+
+    Mixing commutes with the affine normalisation, so it applies to raw or normalised views alike
+    (the reference mixes raw pixels, the DALI backend its normalised views)."""
+    x = x.float()
+    if mode == "mixup":
+        w = lam.to(x.device, torch.float32).view(-1, 1, 1, 1)
+        return w * x + (1 - w) * x[partner]
+    if mode == "cutmix":
+        H, W = x.shape[-2:]
+        c = cut.to(x.device)
+        rows = torch.arange(H, device=x.device)[None]
+        cols = torch.arange(W, device=x.device)[None]
+        inside_rows = (rows >= c[:, 0:1]) & (rows < c[:, 2:3])
+        inside_cols = (cols >= c[:, 1:2]) & (cols < c[:, 3:4])
+        box = (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]
+        return torch.where(box, x[partner], x)
+    return x
+
+
 def effective_lam(mode: str, lam: torch.Tensor, cut: torch.Tensor, out_size: int) -> torch.Tensor:
     """lam_eff, each sample's own-label weight after mixing (float32 (B,)): lam for Mixup, 1 - box area / out_size^2
     for CutMix (lam corrected to the clipped box), 1 without mixing. Every backend's lam_eff comes from here."""
@@ -185,16 +240,7 @@ def augment_mix_reference(src, index, crop, flip, partner, lam, cut, *, mode, ou
         patch = images[b, :, top : top + h, left : left + w].float()[None]
         img = F.interpolate(patch, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=False)[0]
         base.append(img.flip(-1) if flips[b] else img)
-    base = torch.stack(base)
-    if mode == "mixup":
-        l = lam.float()[:, None, None, None]
-        x = l * base + (1 - l) * base[partner]
-    elif mode == "cutmix":
-        x = base.clone()
-        for b, (t0, l0, b1, r1) in enumerate(cut.tolist()):
-            x[b, :, t0:b1, l0:r1] = base[partner[b], :, t0:b1, l0:r1]
-    else:
-        x = base
+    x = mix_batch(torch.stack(base), partner, lam, cut, mode)
     out = []
     for mean, std, dtype in views:
         m = torch.tensor(mean, device=src.device).view(1, 3, 1, 1)
@@ -258,8 +304,8 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
 
     Crops follow torchvision's RandomResizedCrop (10 tries, then the centre-crop fallback);
     partner is a random permutation of the batch; lam ~ Beta(alpha, alpha) once per batch (the
-    peers' practice) or per sample; a CutMix box has sides sqrt(1 - lam) * out_size around a
-    uniform centre, clipped to the image (lam is corrected to the clipped area by augment_mix).
+    peers' practice) or per sample; a CutMix box has sides int(sqrt(1 - lam) * out_size) around a
+    uniform centre, clipped to the image (`cutmix_box`; lam is corrected to the clipped area by augment_mix).
     Everything is drawn from `generator` (a CPU generator) and placed on `index.device`.
     `groups`: sizes of consecutive row groups that mix only among themselves (data-parallel ranks'
     shares of a global batch); None is one group, drawn exactly as before.
@@ -279,21 +325,11 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
     B = index.shape[0]
     device = index.device
     area = height * width
-    tries = 10
-    target = area * torch.empty(B, tries).uniform_(scale[0], scale[1], generator=g)
-    aspect = torch.exp(torch.empty(B, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
-    w = torch.round(torch.sqrt(target * aspect)).long()
-    h = torch.round(torch.sqrt(target / aspect)).long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    target = area * torch.empty(B, CROP_TRIES).uniform_(scale[0], scale[1], generator=g)
+    aspect = torch.exp(torch.empty(B, CROP_TRIES).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g))
+    h, w, ok = crop_try(target, aspect, height, width)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((B,), -1))
-    # centre-crop fallback (torchvision's rule)
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
+    _, _, fh, fw = crop_fallback(height, width, ratio)
     rows = torch.arange(B)
     hh = torch.where(first >= 0, h[rows, first.clamp(min=0)], torch.full((B,), fh))
     ww = torch.where(first >= 0, w[rows, first.clamp(min=0)], torch.full((B,), fw))
@@ -318,12 +354,7 @@ def sample_augment_params(index, height: int, width: int, *, out_size: int, scal
         side = torch.sqrt(1 - lam)
         cut_len = (out_size * side).long()
         centre = (torch.rand(B if per_sample else 1, 2, generator=g) * out_size).long().expand(B, 2)
-        cy, cx = centre[:, 0], centre[:, 1]
-        t0 = (cy - cut_len // 2).clamp(0, out_size)
-        b1 = (cy + cut_len // 2).clamp(0, out_size)
-        l0 = (cx - cut_len // 2).clamp(0, out_size)
-        r1 = (cx + cut_len // 2).clamp(0, out_size)
-        cut = torch.stack([t0, l0, b1, r1], 1)
+        cut = torch.stack(cutmix_box(centre[:, 0], centre[:, 1], cut_len, out_size), 1)
     out = {
         "crop": crop.to(device), "flip": flip.to(device), "partner": partner.to(device),
         "lam": lam.to(device), "cut": cut.to(device),

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast import distributed
-from hello_fast._progress import log, progress
+from hello_fast._progress import log
 from hello_fast._util import Normalize
-from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
+from hello_fast.data.spec import DataPass
+from hello_fast.engine import Engine
 from hello_fast.layout import ARTIFACT, PROJECTOR, load_teachers
 from hello_fast.logs import TrainingLog
 from hello_fast.models.backbone import configured_image_size, load_backbone
@@ -50,9 +51,8 @@ def projector_top1(projector, val_set, cfg, device) -> float:
     """Val top-1 of the projector in percent (each rank its share, summed)."""
     projector.eval()
     correct = total = 0
-    for images, labels, _ in batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
-                                     num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                                     eval_resize=cfg.data.eval_resize):
+    for images, labels, _ in batches(val_set, DataPass.from_config(cfg, sharded=True), train=False, batch_size=256,
+                                     device=device):
         pred = projector(projector.normalize(images.to(device))).argmax(1).cpu()
         correct += int((pred == labels).sum())
         total += labels.numel()
@@ -73,8 +73,7 @@ def initial_head(cfg, backbone, train_set, device) -> tuple[torch.Tensor | None,
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     start = time.perf_counter()
     passes = ((images.to(device), labels) for images, labels, _ in
-              batches(train_set, size=cfg.data.image_size, batch_size=256, train=False, num_workers=cfg.data.num_workers,
-                      loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize))
+              batches(train_set, DataPass.from_config(cfg), train=False, batch_size=256, device=device))
     weight, center = prototype_head(backbone.visual, passes, lambda x: normalize_images(x, mean, std, size),
                                     train_set.num_classes)
     log(f"projector: prototype head from {len(train_set):,} training images at {size} px in "
@@ -98,58 +97,44 @@ def train_projector(inputs: StageInputs, out: str) -> dict:
         templates = []  # no text tower: no prompts
         log(f"projector: {backbone.describe()}, head {head_init}")
     head_weight, center = initial_head(cfg, backbone, train_set, device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation, whatever the prototype pass's loader drew
     projector = build_projector(backbone, class_names, templates, conv_rank=pc.conv_rank, head_rank=pc.head_rank,
                                 linear_rank=pc.linear_rank, alpha=pc.alpha, device=device, head_weight=head_weight,
                                 image_size=configured_image_size(cfg, backbone), feature_center=center)
     teachers = load_teachers(inputs.run, device)
     teacher_norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     params = projector.lora_parameters()
-    net = distributed.data_parallel(projector, device, frozen_backbone=True)  # only the LoRA tensors train: their gradients are averaged
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
     steps_per_epoch = max(1, -(-len(train_set) // pc.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=pc.epochs * steps_per_epoch)
     summary = {"top1": {}}
-    ckpt = StageCheckpoint(out, "projector", cfg.checkpoint_every)
-    first = 1
-    state = ckpt.load()
-    if state is not None:
-        projector.load_lora_state_dict(state["lora"])
-        first = ckpt.resume(state, opt, sched, summary)
-    else:
+
+    def loss(batch):
+        images, labels, _ = batch
+        images, labels = images.to(device), labels.to(device)
+        target = mean_teacher_logits(teachers, teacher_norm(images))
+        logits = engine.net(projector.normalize(images))
+        return pc.mse_weight * F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels), labels.numel()
+
+    # only the LoRA tensors train (frozen_backbone): their gradients are averaged over ranks
+    engine = Engine(NAME, projector, opt, device=device, epochs=pc.epochs, loss=loss, knob="projector.lr", folder=out,
+                    checkpoint_every=cfg.checkpoint_every, frozen_backbone=True,
+                    scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=pc.epochs * steps_per_epoch),
+                    scheduler_per="step", weights=(projector.lora_state_dict, projector.load_lora_state_dict),
+                    log=lambda first: TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first),
+                    extra={"summary": (lambda: summary, summary.update)})
+    if not engine.resumed:
         summary["zero_shot_top1"] = projector_top1(projector, val_set, cfg, device)
         log(f"projector: zero-shot val top-1 {summary['zero_shot_top1']:.1f}%")
-    guard = FiniteGuard()
-    tlog = TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first)
-    for epoch in progress(range(first, pc.epochs + 1), desc="projector", unit="epoch"):
-        projector.train()
-        tlog.begin_epoch()
-        bar = progress(batches(train_set, size=cfg.data.image_size, batch_size=pc.batch_size, train=True,
-                               seed=cfg.seed + 1, epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip,
-                               num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                               sharded=True),
-                       desc=f"epoch {epoch}", unit="batch", disable_below=20)
-        for images, labels, _ in bar:
-            images, labels = images.to(device), labels.to(device)
-            target = mean_teacher_logits(teachers, teacher_norm(images))
-            logits = net(projector.normalize(images))
-            loss = F.mse_loss(logits, target) + pc.lambda_ce * F.cross_entropy(logits, labels)
-            loss = loss * distributed.loss_weight(labels.numel(), device)
-            guard.add(loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
-            sched.step()
-        tlog.trained(device)
-        guard.check("projector", epoch, "projector.lr", out)
-        acc = projector_top1(projector, val_set, cfg, device)
+
+    def epoch_batches(epoch):
+        return batches(train_set, DataPass.from_config(cfg, sharded=True), train=True, batch_size=pc.batch_size,
+                       seed=cfg.seed + 1, epoch=epoch, device=device)
+
+    def record(epoch, acc, _seconds):
         summary["top1"][str(epoch)] = acc
-        log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {loss.item():.4f})")
-        tlog.end_epoch(epoch, val_top1=acc)
-        ckpt.save({"lora": projector.lora_state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                   "summary": summary}, epoch, pc.epochs)
-    tlog.close()
+        log(f"projector: epoch {epoch} val top-1 {acc:.1f}% (loss {engine.last_loss.item():.4f})")
+
+    engine.run(epoch_batches, evaluate=lambda: projector_top1(projector, val_set, cfg, device), after_epoch=record)
     meta = artifact_metadata(projector, backbone, class_names, templates, conv_rank=pc.conv_rank,
                              head_rank=pc.head_rank, linear_rank=pc.linear_rank, alpha=pc.alpha,
                              dtype=pc.artifact_dtype, head_init=head_init, head_seed=cfg.seed)

@@ -18,11 +18,11 @@ PyTorch's ImageNet example saves it) or `.safetensors` (plain, or a hello_fast n
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from hello_fast._io import file_sha256, read_state_dict
@@ -30,7 +30,8 @@ from hello_fast._progress import log, progress
 from hello_fast._util import Normalize, load_network
 from hello_fast.config import is_checkpoint_path
 from hello_fast.data.distilled import save_distilled
-from hello_fast.data.loader import eval_transform, random_resized_crop_box, sample_seed
+from hello_fast.data.loader import batches, eval_transform, resolve_loader
+from hello_fast.data.spec import DataPass
 from hello_fast.errors import HelloError
 from hello_fast.layout import artifact_path, observer_path
 from hello_fast.models.students import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -40,33 +41,20 @@ from hello_fast.stages.contract import Stage, StageInputs
 NAME = "select"
 
 
-class _Crops(Dataset):
-    """K random-resized square crops of one image at `size` pixels: (K, 3, size, size)."""
-
-    def __init__(self, images, indices, size, k, seed, scale):
-        self.images, self.indices, self.size, self.k, self.seed, self.scale = images, indices, size, k, seed, scale
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        i = self.indices[j]
-        img = self.images.load(i)
-        if img is None:
-            return None
-        g = torch.Generator().manual_seed(sample_seed(self.seed, -7, i))
-        crops = []
-        for _ in range(self.k):
-            top, left, h, w = random_resized_crop_box(img.shape[-2], img.shape[-1], self.scale, (1.0, 1.0), g)
-            crops.append(TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True))
-        return torch.stack(crops), i
+# the crops' generator of image i is the loader's of (seed, _CROPS_EPOCH, i): apart from every training epoch
+_CROPS_EPOCH = -7
 
 
-def _collate(items):
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    return torch.stack([c for c, _ in items]), torch.tensor([i for _, i in items])
+def crops_pass(cfg, train_set) -> DataPass:
+    """RDED's scoring pass: square random-resized crops (ratio 1, select.crop_scale, no flip) at 1/factor of the
+    image size, read by the torch loader: DALI's reader yields one crop per image read, and selection takes
+    select.crops_per_image crops of each image from one generator."""
+    sc = cfg.select
+    data_pass = dataclasses.replace(DataPass.from_config(cfg), image_size=cfg.data.image_size // sc.factor,
+                                    scale=tuple(sc.crop_scale), ratio=(1.0, 1.0), flip=False, loader="torch")
+    if resolve_loader(cfg.data.loader, train_set) == "dali":
+        log(f"select: scoring {sc.crops_per_image} crops per image with the torch loader (DALI draws one crop per read)")
+    return data_pass
 
 
 def _candidates(labels: torch.Tensor, num_classes: int, per_class: int, g: torch.Generator) -> list[torch.Tensor]:
@@ -164,15 +152,12 @@ def rded_select(cfg, train_set, observer: Observer, device) -> tuple[torch.Tenso
     g = torch.Generator().manual_seed(cfg.seed)
     per_class = _candidates(train_set.labels, train_set.num_classes, sc.candidates_per_class, g)
     order = torch.cat(per_class).tolist()
-    loader = DataLoader(_Crops(train_set, order, patch, sc.crops_per_image, cfg.seed, tuple(sc.crop_scale)),
-                        batch_size=max(1, sc.batch_size // sc.crops_per_image), num_workers=cfg.data.num_workers,
-                        collate_fn=_collate)
+    loader = batches(train_set, crops_pass(cfg, train_set), train=True, batch_size=max(1, sc.batch_size // sc.crops_per_image),
+                     seed=cfg.seed, epoch=_CROPS_EPOCH, shuffle=False, indices=order, crops=sc.crops_per_image)
     crops_of, ce_of = {}, {}
-    for batch in progress(loader, desc="select: scoring crops", unit="batch"):
-        if batch is None:
-            continue
-        crops, idx = batch
-        n, k = crops.shape[:2]
+    for crops, _, idx in progress(loader, desc="select: scoring crops", unit="batch"):
+        n, k = len(idx), sc.crops_per_image
+        crops = crops.view(n, k, 3, patch, patch)
         labels = train_set.labels[idx].repeat_interleave(k).to(device)
         ce = observer.cross_entropy(crops.flatten(0, 1).to(device), labels).view(n, k).cpu()
         for j, i in enumerate(idx.tolist()):

@@ -21,18 +21,24 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import torch
 
 from hello_fast import distributed, labels
 from hello_fast._io import write_json
-from hello_fast._progress import log, progress
+from hello_fast._progress import log
 from hello_fast._util import Normalize, save_model
-from hello_fast.checkpoint import FiniteGuard, StageCheckpoint, set_rng_state
 from hello_fast.data.dali import DaliDistilledSet
 from hello_fast.data.distilled import load_distilled
 from hello_fast.data.loader import batches
+from hello_fast.data.schedule import (
+    resident_seed,
+    resident_set,
+    schedule_of,
+    views_for,
+)
+from hello_fast.data.spec import AugmentRecipe, DataPass
+from hello_fast.engine import Engine, every
 from hello_fast.layout import distilled_stage
 from hello_fast.logs import TrainingLog
 from hello_fast.models.students import (
@@ -46,12 +52,6 @@ from hello_fast.models.students import (
 from hello_fast.ops import soft_label_loss, soft_label_loss_reference
 from hello_fast.projector.artifact import read_artifact
 from hello_fast.stages.contract import Stage, StageInputs
-from hello_fast.stages.schedule import (
-    resident_set,
-    schedule_of,
-    shuffle_factor,
-    views_for,
-)
 
 NAME = "student"
 
@@ -71,20 +71,18 @@ def training_set(cfg, distilled, device, source, views):
         log(f"student ({source.name}): stored labels replay exact crops; using the resident set, not DALI")
         return resident_set(cfg, distilled, device)
 
-    threads = cfg.data.num_workers if cfg.data.num_workers > 0 else min(4, os.cpu_count() or 1)
-    return DaliDistilledSet(distilled.images, distilled.labels, device, seed=cfg.seed + 4,
-                            batch_size=max(distributed.share_sizes(sc.batch_size)), out_size=cfg.data.image_size,
-                            scale=sc.scale, flip=cfg.data.flip, views=views, num_threads=threads,
-                            shuffle_factor=shuffle_factor(cfg))
+    return DaliDistilledSet(distilled.images, distilled.labels, device, AugmentRecipe.from_config(cfg), resident_seed(cfg),
+                            batch_size=max(distributed.share_sizes(sc.batch_size)), views=views,
+                            num_threads=DataPass.from_config(cfg).threads)
 
 
-class _Steps:
-    """The batches of one epoch with their labels, made one step ahead (on a side stream when overlapping)."""
+class EpochBatches:
+    """The student's batches of one epoch with their labels, made one step ahead (on a side stream when overlapping):
+    (AugmentedBatch, target logits or None) items, what student_loss takes."""
 
     def __init__(self, cfg, resident, source, views, epoch, fast, device, overlap: bool):
         sc = cfg.student
         self.cfg, self.resident, self.source, self.views, self.fast = cfg, resident, source, views, fast
-        self.out = cfg.data.image_size
         self.channels_last = fast and device.type == "cuda"
         self.backend = None if fast else "torch"
         if source.replays:
@@ -99,13 +97,10 @@ class _Steps:
         if item is None:
             return None
         index, params, stored = item
-        sc = self.cfg.student
         if params is None:
-            params = self.resident.draw(index, out_size=self.out, scale=sc.scale, flip=self.cfg.data.flip, mix=sc.mix,
-                                        alpha=sc.mix_alpha)
+            params = self.resident.draw(index)
         index, params, stored = self.resident.my_share(index, params, stored)
-        batch = self.resident.make(index, params, out_size=self.out, mix=sc.mix, views=self.views,
-                                   channels_last=self.channels_last, backend=self.backend)
+        batch = self.resident.make(index, params, views=self.views, channels_last=self.channels_last, backend=self.backend)
         batch.stored_logits = stored
         return batch, self.source(batch)
 
@@ -126,6 +121,38 @@ class _Steps:
             yield current
 
 
+def student_loss(net, cfg, source, fast: bool, device):
+    """The student's loss on one batch of `EpochBatches`: the fused soft_label_loss (the PyTorch reference when not
+    `fast`) of the student's logits on the first view against the source's labels, in bf16 autocast on a GPU."""
+    sc = cfg.student
+    loss_fn = soft_label_loss if fast else soft_label_loss_reference
+    use_amp = fast and device.type == "cuda"
+    kwargs = labels.loss_settings(source, sc)  # rded brings its own (KL at T=20, no CE)
+
+    def loss(item):
+        batch, target = item
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            logits = net(batch.views[0])
+        return loss_fn(logits.float(), target, batch.hard, batch.partner, batch.lam, **kwargs), batch.hard.numel()
+
+    return loss
+
+
+def student_engine(cfg, student, source, device, *, fast: bool, steps_per_epoch: int, folder: str | None = None,
+                   log=None, extra=None) -> Engine:
+    """The engine that trains `student` with `source`'s labels: AdamW on decay groups, the recipe's lr schedule set
+    per step, student_loss. `hello-fast bench student-loop` times this engine's step."""
+    sc = cfg.student
+    lr = learning_rate(sc.arch, sc.lr)
+    opt = torch.optim.AdamW(decay_groups(student, sc.weight_decay, norms_and_biases=sc.decay_norms_and_biases), lr=lr)
+    total = sc.epochs * steps_per_epoch
+    engine = Engine(f"student ({source.name})", student, opt, device=device, epochs=sc.epochs, loss=None,
+                    knob="student.lr", folder=folder, checkpoint_every=cfg.checkpoint_every, log=log, extra=extra,
+                    lr_at=lambda step, epoch: lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs))
+    engine.loss = student_loss(engine.net, cfg, source, fast, device)
+    return engine
+
+
 def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop: str | None = None,
                   log_root: str | None = None) -> dict:
     """Train one student with `source` labels; returns {top1_last, top1_best, label_bytes, history, ...}.
@@ -139,97 +166,64 @@ def train_student(cfg, distilled, val_set, source, device, out_dir: str, *, loop
     fast = loop == "fast"
     S = cfg.data.image_size
     main = distributed.world().main
-    torch.manual_seed(cfg.seed)  # every label source starts from the same student
+    torch.manual_seed(cfg.seed)  # every label source starts from the same student, whoever calls this
     width = sc.width if sc.arch == "resnet18" else None
     student = build_model(sc.arch, distilled.num_classes, S, width).to(device)
     use_amp = fast and device.type == "cuda"
     if use_amp:
         student = student.to(memory_format=torch.channels_last)
-    net = distributed.data_parallel(student, device)
-    student = distributed.unwrap(net)
-    lr = learning_rate(sc.arch, sc.lr)
     if sc.lr is None and main:
-        log(f"student ({source.name}): lr {lr:g} (RDED's rate for {sc.arch}; student.lr sets another)")
-    opt = torch.optim.AdamW(decay_groups(student, sc.weight_decay, norms_and_biases=sc.decay_norms_and_biases), lr=lr)
+        log(f"student ({source.name}): lr {learning_rate(sc.arch, sc.lr):g} (RDED's rate for {sc.arch}; student.lr sets another)")
     views = views_for(source, device, fast)
     resident = training_set(cfg, distilled, device, source, views)
     if source.replays:
         source.check_schedule(schedule_of(cfg, len(resident)))
-    total = sc.epochs * resident.steps_per_epoch(sc.batch_size)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    val = batches(val_set, size=S, batch_size=sc.eval_batch_size, train=False, num_workers=cfg.data.num_workers,
-                  loader=cfg.data.loader, device=device, eval_resize=cfg.data.eval_resize, sharded=True)
-    loss_fn = soft_label_loss if fast else soft_label_loss_reference
-    loss_kwargs = labels.loss_settings(source, sc)  # rded brings its own (KL at T=20, no CE)
-    overlap_choice = {"on": True, "off": False}.get(sc.overlap)  # None: measure (GPUs only)
+    val = batches(val_set, DataPass.from_config(cfg, sharded=True), train=False, batch_size=sc.eval_batch_size,
+                  device=device)
+    overlap = {"choice": {"on": True, "off": False}.get(sc.overlap)}  # None: measure (GPUs only)
     if device.type != "cuda":
-        overlap_choice = False
+        overlap["choice"] = False
     trial = {True: [], False: []}
-    history, step, seen, train_time, first = [], 0, 0, 0.0, 1
-    ckpt = StageCheckpoint(out_dir, f"student ({source.name})", cfg.checkpoint_every)
-    state = ckpt.load()
-    if state is not None:
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, step, seen, train_time = state["history"], state["step"], state["seen"], state["train_time"]
-        overlap_choice = state["overlap"] if state["overlap"] >= 0 else overlap_choice
-        resident.generator.set_state(state["resident_generator"])
-        set_rng_state(state["rng"])
-        first = state["epoch"] + 1
-    guard = FiniteGuard()
-    tlog = TrainingLog.for_stage(cfg, log_root, f"{NAME}/{source.name}", first_epoch=first)
-    bar = progress(range(first, sc.epochs + 1), desc=f"student ({source.name})", unit="epoch")
-    for epoch in bar:
-        net.train()
-        overlap = overlap_choice if overlap_choice is not None else (epoch % 2 == 0)
-        epoch_start = time.perf_counter()
-        tlog.begin_epoch()
-        acc = None
-        for batch, target in _Steps(cfg, resident, source, views, epoch, fast, device, overlap):
-            for group in opt.param_groups:
-                group["lr"] = lr * _lr_factor(sc.schedule, step, total, epoch - 1, sc.epochs)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = net(batch.views[0])
-            loss = loss_fn(logits.float(), target, batch.hard, batch.partner, batch.lam, **loss_kwargs)
-            if distributed.world().distributed:
-                loss = loss * distributed.loss_weight(batch.hard.numel(), device)
-            guard.add(loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tlog.step(loss, batch.hard.numel(), opt.param_groups[0]["lr"], epoch)
-            step += 1
-            seen += batch.hard.numel()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tlog.trained(device)
-        elapsed = time.perf_counter() - epoch_start
-        train_time += elapsed
-        guard.check(f"student ({source.name})", epoch, "student.lr", out_dir)
-        if overlap_choice is None and 2 < epoch <= 4:  # epochs 1-2 warm up; 3-4 time both ways
-            trial[overlap].append(elapsed)
+
+    def put_overlap(value: int) -> None:
+        if value >= 0:
+            overlap["choice"] = bool(value)
+
+    engine = student_engine(cfg, student, source, device, fast=fast, steps_per_epoch=resident.steps_per_epoch(sc.batch_size),
+                            folder=out_dir,
+                            log=lambda first: TrainingLog.for_stage(cfg, log_root, f"{NAME}/{source.name}", first_epoch=first),
+                            extra={"resident_generator": (resident.generator.get_state, resident.generator.set_state),
+                                   "overlap": (lambda: -1 if overlap["choice"] is None else int(overlap["choice"]), put_overlap)})
+
+    def overlapped(epoch: int) -> bool:
+        return overlap["choice"] if overlap["choice"] is not None else (epoch % 2 == 0)
+
+    def epoch_batches(epoch):
+        return EpochBatches(cfg, resident, source, views, epoch, fast, device, overlapped(epoch))
+
+    def measure_overlap(epoch, _acc, seconds):
+        if overlap["choice"] is None and 2 < epoch <= 4:  # epochs 1-2 warm up; 3-4 time both ways
+            trial[overlapped(epoch)].append(seconds)
             if epoch == 4:
-                overlap_choice = min(trial[True]) < min(trial[False])
-                log(f"student ({source.name}): overlapped labeling {'is' if overlap_choice else 'is not'} faster here "
-                    f"({min(trial[True]) * 1e3:.0f} vs {min(trial[False]) * 1e3:.0f} ms/epoch); keeping it {'on' if overlap_choice else 'off'}")
-        if epoch % sc.eval_every == 0 or epoch == sc.epochs:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                acc = top1(net, val, device, norm)
-            history.append({"epoch": epoch, "top1": acc, "loss": loss.item()})
-            bar.set_postfix(top1=f"{acc:.1f}")
-        tlog.end_epoch(epoch, val_top1=acc)
-        ckpt.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "history": history, "step": step,
-                   "seen": seen, "train_time": train_time, "resident_generator": resident.generator.get_state(),
-                   "overlap": -1 if overlap_choice is None else int(overlap_choice)}, epoch, sc.epochs)
-    tlog.close()
-    seen = distributed.sum_over_ranks([seen], device)[0]
+                overlap["choice"] = min(trial[True]) < min(trial[False])
+                log(f"student ({source.name}): overlapped labeling {'is' if overlap['choice'] else 'is not'} faster here "
+                    f"({min(trial[True]) * 1e3:.0f} vs {min(trial[False]) * 1e3:.0f} ms/epoch); keeping it "
+                    f"{'on' if overlap['choice'] else 'off'}")
+
+    def evaluate():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            return top1(engine.net, val, device, norm)
+
+    engine.run(epoch_batches, evaluate=evaluate, evaluate_at=every(sc.eval_every, sc.epochs), after_epoch=measure_overlap)
+    history = engine.history
     result = {
         "top1_last": history[-1]["top1"],
         "top1_best": max(h["top1"] for h in history),
         "label_bytes": int(source.label_bytes),
         "history": history,
         "loop": loop,
-        "train_img_per_s": round(seen / max(train_time, 1e-9), 1),
+        "train_img_per_s": engine.images_per_second(),
     }
     if main:
         save_model(os.path.join(out_dir, "student.safetensors"), student,

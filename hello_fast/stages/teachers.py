@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from hello_fast import distributed
-from hello_fast._progress import log, progress
+from hello_fast._progress import log
 from hello_fast._util import Normalize, save_model
-from hello_fast.checkpoint import FiniteGuard, StageCheckpoint
 from hello_fast.data.loader import batches
+from hello_fast.data.spec import DataPass
+from hello_fast.engine import Engine
 from hello_fast.errors import HelloError
 from hello_fast.layout import TEACHERS, teacher_path
 from hello_fast.logs import TrainingLog
@@ -38,67 +39,49 @@ def train_teachers(inputs: StageInputs, out: str) -> dict:
     keep = sorted(set(tc.keep_epochs))
     last = last_epoch(cfg)
     main = distributed.world().main
-    torch.manual_seed(cfg.seed)
     model = build_model(tc.arch, train_set.num_classes, cfg.data.image_size, tc.width if tc.arch == "resnet18" else None).to(device)
-    net = distributed.data_parallel(model, device)
-    model = distributed.unwrap(net)
     opt = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=tc.lr_step, gamma=0.1)
     norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
     summary = {"checkpoints": [], "top1": {}, "bytes": {}}
-    ckpt = StageCheckpoint(out, "teachers", cfg.checkpoint_every)
-    first = 1
-    state = ckpt.load()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        first = ckpt.resume(state, opt, sched, summary)
-    guard = FiniteGuard()
-    tlog = TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first)
-    for epoch in progress(range(first, last + 1), desc="teachers", unit="epoch"):
-        net.train()
-        tlog.begin_epoch()
-        acc = None
-        for images, labels, _ in progress(
-            batches(train_set, size=cfg.data.image_size, batch_size=tc.batch_size, train=True, seed=cfg.seed,
-                    epoch=epoch, scale=cfg.data.train_scale, flip=cfg.data.flip, num_workers=cfg.data.num_workers,
-                    loader=cfg.data.loader, device=device, sharded=True),
-            desc=f"epoch {epoch}", unit="batch", disable_below=20,
-        ):
-            images, labels = images.to(device), labels.to(device)
-            loss = F.cross_entropy(net(norm(images)), labels) * distributed.loss_weight(labels.numel(), device)
-            guard.add(loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tlog.step(loss, labels.numel(), opt.param_groups[0]["lr"], epoch)
-        tlog.trained(device)
-        guard.check("teachers", epoch, "teachers.lr", out)
-        sched.step()
-        if epoch in keep or (epoch == last and trains_full(cfg)):
-            val = batches(val_set, size=cfg.data.image_size, batch_size=256, train=False, sharded=True,
-                          num_workers=cfg.data.num_workers, loader=cfg.data.loader, device=device,
-                          eval_resize=cfg.data.eval_resize)
-            acc = top1(net, val, device, norm)
-            meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
-                    "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
-                    "class_names": train_set.class_names}
-            path = teacher_path(out, epoch)
-            if main:
-                nbytes = save_model(path, model, meta)
-                if epoch in keep:
-                    summary["bytes"][str(epoch)] = nbytes
-                log(f"teachers: epoch {epoch} kept as a {'weak teacher' if epoch in keep else 'full observer'} "
-                    f"(val top-1 {acc:.1f}%)")
+
+    def loss(batch):
+        images, labels, _ = batch
+        images, labels = images.to(device), labels.to(device)
+        return F.cross_entropy(engine.net(norm(images)), labels), labels.numel()
+
+    engine = Engine(NAME, model, opt, device=device, epochs=last, loss=loss, knob="teachers.lr", folder=out,
+                    checkpoint_every=cfg.checkpoint_every, scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=tc.lr_step, gamma=0.1),
+                    log=lambda first: TrainingLog.for_stage(cfg, inputs.run.root, NAME, first_epoch=first),
+                    extra={"summary": (lambda: summary, summary.update)})
+    data_pass = DataPass.from_config(cfg, sharded=True)
+    val = batches(val_set, data_pass, train=False, batch_size=256, device=device)
+
+    def epoch_batches(epoch):
+        return batches(train_set, data_pass, train=True, batch_size=tc.batch_size, seed=cfg.seed, epoch=epoch, device=device)
+
+    def keep_checkpoint(epoch, acc, _seconds):
+        """A weak teacher (a kept epoch) or the fully trained observer (the last epoch) is saved with its val top-1."""
+        full = epoch == last and trains_full(cfg)
+        meta = {"arch": tc.arch, "num_classes": train_set.num_classes, "image_size": cfg.data.image_size,
+                "width": tc.width if tc.arch == "resnet18" else None, "epoch": epoch, "top1": acc,
+                "class_names": train_set.class_names}
+        path = teacher_path(out, epoch)
+        if main:
+            nbytes = save_model(path, model, meta)
             if epoch in keep:
-                summary["checkpoints"].append(os.path.basename(path))
-                summary["top1"][str(epoch)] = acc
-            if epoch == last and trains_full(cfg):
-                summary["observer"] = os.path.basename(path)
-                summary["observer_top1"] = acc
-        tlog.end_epoch(epoch, val_top1=acc)
-        ckpt.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                   "summary": summary}, epoch, last)
-    tlog.close()
+                summary["bytes"][str(epoch)] = nbytes
+            log(f"teachers: epoch {epoch} kept as a {'weak teacher' if epoch in keep else 'full observer'} "
+                f"(val top-1 {acc:.1f}%)")
+        if epoch in keep:
+            summary["checkpoints"].append(os.path.basename(path))
+            summary["top1"][str(epoch)] = acc
+        if full:
+            summary["observer"] = os.path.basename(path)
+            summary["observer_top1"] = acc
+
+    kept = lambda epoch: epoch in keep or (epoch == last and trains_full(cfg))  # noqa: E731
+    engine.run(epoch_batches, evaluate=lambda: top1(engine.net, val, device, norm), evaluate_at=kept,
+               after_epoch=lambda epoch, acc, seconds: keep_checkpoint(epoch, acc, seconds) if kept(epoch) else None)
     return summary
 
 
