@@ -124,7 +124,9 @@ def _stored(tmp_path, cfg, recipe, images, labels):
     res = ResidentSet(images, labels, "cpu", recipe, seed=schedule.resident_seed(cfg))
     labeler = lambda batch: torch.zeros(len(batch.index), 3)  # noqa: E731 (labels do not matter here)
     views = [((0.5,) * 3, (0.25,) * 3, torch.float32)]
-    return StoredLabels.write(str(tmp_path), res, labeler, schedule.schedule_of(cfg, len(images), recipe), views=views)
+    description = {"source": "stored", "schedule": schedule.schedule_of(cfg, len(images), recipe), "encoding": "fp16",
+                   "top_k": None, "pool_fraction": None}
+    return StoredLabels.write(str(tmp_path), res, labeler, description, views=views)
 
 
 def test_a_field_added_to_the_recipe_makes_replay_refuse_the_labels_written_before(tmp_path):
@@ -140,7 +142,7 @@ def test_a_field_added_to_the_recipe_makes_replay_refuse_the_labels_written_befo
         erase_prob: float = 0.0
 
     grown = schedule.schedule_of(cfg, len(images), Cutout(**dataclasses.asdict(recipe)))
-    assert not StoredLabels.complete(str(tmp_path), grown)
+    assert not StoredLabels.complete(str(tmp_path), {"schedule": grown})
     with pytest.raises(HelloError, match="erase_prob"):
         stored.check_schedule(grown)
     changed = schedule.schedule_of(cfg, len(images), dataclasses.replace(recipe, ratio=(0.5, 2.0)))

@@ -168,6 +168,7 @@ def test_the_ablations_options_zero_shot_and_a_ce_probe(tiny_run, tmp_path, monk
     """projector.epochs=0 writes the untrained (zero-shot) artifact; projector.mse_weight=0 ignores the teachers."""
     from safetensors.torch import load_file
 
+    from hello_fast.layout import artifact_path
     from hello_fast.stages import projector as projector_stage
 
     run, _ = tiny_run
@@ -176,13 +177,13 @@ def test_the_ablations_options_zero_shot_and_a_ce_probe(tiny_run, tmp_path, monk
     assert linked == ["teachers", "select"]  # only the projector changed
     summary = pipe.run.done("projector")["summary"]
     assert summary["top1"] == {} and summary["zero_shot_top1"] >= 0
-    tensors = load_file(projector_stage.artifact_path(pipe.run))
+    tensors = load_file(artifact_path(pipe.run))
     assert tensors and all(not t.any() for k, t in tensors.items() if "lora_b" in k)  # LoRA starts at zero
 
     def artifact(folder):
         p, _ = study_module.prepare_variant(tiny_config("projector.mse_weight=0", "refine.enabled=false"),
                                             str(tmp_path / folder), [run], ["projector"], device="cpu")
-        return load_file(projector_stage.artifact_path(p.run))
+        return load_file(artifact_path(p.run))
 
     probe = artifact("probe")
     monkeypatch.setattr(projector_stage, "mean_teacher_logits", lambda teachers, x: torch.full((len(x), 3), 1e3))
