@@ -46,10 +46,8 @@ def load():
         _loaded = True
         import torch  # noqa: F401  (the extension links against torch's libraries: load them first)
 
-        try:
-            from hello_fast import _C
-
-            _module = _C
+        try:  # by its full name: the compiled module, not an import of the package's __init__
+            _module = importlib.import_module("hello_fast._C")
         except ImportError as e:  # absent, or built against another torch
             _error = str(e).splitlines()[0]
             _warn(_error)
