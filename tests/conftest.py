@@ -90,6 +90,18 @@ def cli_here(capsys):
     return run
 
 
+def refuse_decoding(monkeypatch) -> None:
+    """From now on in this test, opening an image, running the image check or loading a file set fails the test."""
+    from hello_fast.data import sources, validate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr("PIL.Image.open", refuse)
+    monkeypatch.setattr(validate, "check_images", refuse)
+    monkeypatch.setattr(sources.FileImageSet, "load", refuse)
+
+
 def has_cuda() -> bool:
     return torch.cuda.is_available()
 

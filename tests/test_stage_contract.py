@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from conftest import tiny_config
+from conftest import refuse_decoding, tiny_config
 
 from hello_fast import config as config_mod
 from hello_fast import pipeline as pipeline_mod
@@ -97,13 +97,6 @@ def _jpeg_folder(root, classes=3, per_class=4):
     return root
 
 
-def _refuse_decoding(monkeypatch):
-    """Opening an image or running the image check fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("an image was opened")
-
-    monkeypatch.setattr("PIL.Image.open", refuse)
-    monkeypatch.setattr(validate, "check_images", refuse)
 
 
 def test_a_folder_runs_fingerprints_open_no_image_and_write_nothing(tmp_path, monkeypatch):
@@ -112,7 +105,7 @@ def test_a_folder_runs_fingerprints_open_no_image_and_write_nothing(tmp_path, mo
     out = tmp_path / "run"
     cfg = tiny_config()
     cfg.data.source, cfg.data.root = "folder", str(data)
-    _refuse_decoding(monkeypatch)
+    refuse_decoding(monkeypatch)
     pipe = Pipeline(cfg, str(out), device="cpu")
     fps = {(name, unit): pipe.fingerprint(name, unit) for name, s in GRAPH.items() for unit in s.units(cfg)}
     assert len(set(fps.values())) == len(fps)

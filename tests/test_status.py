@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import tiny_sets
+from conftest import refuse_decoding, tiny_sets
 
 from hello_fast.cli import main as cli_main
 from hello_fast.data import sources, validate
@@ -28,14 +28,6 @@ def _listing(*roots) -> dict:
     return out
 
 
-def _refuse_decoding(monkeypatch):
-    """Opening an image, or running the image check, fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("status opened an image")
-
-    monkeypatch.setattr("PIL.Image.open", refuse)
-    monkeypatch.setattr(validate, "check_images", refuse)
-    monkeypatch.setattr(sources.FileImageSet, "load", refuse)
 
 
 def _status(cli_here, run, *args) -> dict:
@@ -52,7 +44,7 @@ def _states(status: dict) -> dict:
 
 def test_a_finished_run_is_current_and_status_writes_nothing(tiny_run, cli_here, monkeypatch):
     run, _ = tiny_run
-    _refuse_decoding(monkeypatch)
+    refuse_decoding(monkeypatch)
     before = _listing(run)
     status = _status(cli_here, run)
     assert _states(status) == dict.fromkeys(UNITS, "current")
@@ -157,7 +149,7 @@ def folder_run(tmp_path_factory):
 
 def test_on_a_folder_run_status_is_current_opens_no_image_and_writes_nothing(folder_run, cli_here, monkeypatch):
     data, run, args = folder_run
-    _refuse_decoding(monkeypatch)
+    refuse_decoding(monkeypatch)
     os.remove(os.path.join(run, validate.CACHE_NAME))  # a status must not make it again
     before = _listing(run, data)
     lock_before = os.path.exists(os.path.join(run, LOCK_NAME))
