@@ -173,6 +173,12 @@ def _cell_row(study_dir: RunDir, pipe: Pipeline, vcfg: Config, cell: _Cell) -> d
     return row
 
 
+def variant_config(cfg: Config, variant: Variant) -> Config:
+    """The study's config with the variant's overrides, and the variant's sources as its label_sources: what the
+    stages do depends on them (listing rded makes the teachers stage keep its fully trained network)."""
+    return with_overrides(cfg, list(variant.overrides) + [f"student.label_sources=[{','.join(variant.sources)}]"])
+
+
 def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int = 5, sources=None, reuse=(),
               device=None) -> dict:
     """Run (or resume) study `name` over `cfg` into `out`; returns the study.json document.
@@ -199,7 +205,7 @@ def run_study(name: str, cfg: Config, out: str, *, seeds=(0, 1, 2), steps: int =
         with bar:
             for v, folder in zip(variants, folders):
                 bar.set_postfix(variant=v.name)
-                vcfg = with_overrides(cfg, v.overrides)
+                vcfg = variant_config(cfg, v)
                 donors = [f for f in folders if f != folder] + list(reuse)
                 pipe, _ = prepare_variant(vcfg, folder, donors, v.sources, device=device)
                 cells = [_Cell(v, source, seed) for source in v.sources for seed in seeds]

@@ -12,6 +12,7 @@ from hello_fast.data.sources import FileImageSet, TensorImageSet
 from hello_fast.data.subset import class_subset
 from hello_fast.errors import HelloError
 from hello_fast.labels import HardLabels, LabelSource, RestrictedLabels
+from hello_fast.stages.teachers import trains_full
 from hello_fast.studies import STUDIES, label_sources, paper_figure, plan
 from hello_fast.study import _continual_steps, run_study
 
@@ -36,6 +37,17 @@ def test_the_sources_study_takes_every_source_the_config_accepts():
         plan("ranks", cfg, ["hard"])
     with pytest.raises(HelloError, match="unknown study"):
         plan("tables", cfg)
+
+
+def test_a_variants_sources_make_its_stages_what_they_need():
+    """A study comparing rded trains the teachers on to a fully trained network (the rded source's teacher); one that
+    does not compare it keeps the weak teachers' run short, and the default distill's fingerprints."""
+    cfg = load_config("digits")
+    (base,) = plan("sources", cfg)
+    with_rded = study_module.variant_config(cfg, base)
+    assert list(with_rded.student.label_sources) == list(base.sources) and trains_full(with_rded)
+    (plain,) = plan("sources", cfg, ["hard", "projector"])
+    assert not trains_full(study_module.variant_config(cfg, plain))
 
 
 def test_variants_express_the_papers_rows():
