@@ -80,7 +80,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 class StageCheckpoint:
-    """A stage's resume point in its partial folder: loaded at the start, saved every `every` epochs by rank 0."""
+    """A stage's resume point in its partial folder: loaded at the start, saved every `every` epochs by rank 0
+    (hello_fast/engine.py restores what it holds)."""
 
     def __init__(self, folder: str, stage: str, every: int):
         self.path = os.path.join(folder, NAME)
@@ -94,14 +95,6 @@ class StageCheckpoint:
 
         log(f"{self.stage}: resuming from the checkpoint after epoch {state['epoch']} ({self.path})")
         return state
-
-    def resume(self, state: dict, optimizer, scheduler, summary: dict) -> int:
-        """Restore a loaded state's optimiser, scheduler, summary and random states; returns the next epoch."""
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        summary.update(state["summary"])
-        set_rng_state(state["rng"])
-        return state["epoch"] + 1
 
     def save(self, state: dict, epoch: int, last_epoch: int) -> None:
         if self.every and epoch % self.every == 0 and epoch < last_epoch and distributed.world().main:
